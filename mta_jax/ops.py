@@ -127,12 +127,11 @@ def row_masks(segment_ids: Array | None, c_q: int) -> Array | None:
   """
   if segment_ids is None or c_q == 1:
     return None
-  _, length = segment_ids.shape
-  shifted = [segment_ids]
-  for s in range(1, c_q):
-    prev = jnp.pad(segment_ids[:, :-s], ((0, 0), (s, 0)), constant_values=-1)
-    shifted.append(prev)
-  del length
+  length = segment_ids.shape[1]
+  # Row i - s of the segment ids, with a sentinel above the first row (never equal to an id).
+  sentinel = jnp.min(segment_ids) - 1
+  shifted = [jnp.pad(segment_ids, ((0, 0), (s, 0)), constant_values=sentinel)[:, :length]
+             for s in range(c_q)]
   return jnp.stack([(p == segment_ids).astype(jnp.float32) for p in shifted], axis=1)
 
 
