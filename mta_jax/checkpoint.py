@@ -1,0 +1,619 @@
+"""Checkpoints: the only module that calls Orbax.
+
+A run's workdir holds `checkpoints/<step>/` directories written by an Orbax CheckpointManager,
+each with four items:
+
+    params/      the model parameters (Orbax PyTree, sharded arrays)
+    opt_state/   every other field of the train state (optimizer moments, step counter, ...)
+    data_iter/   the data iterator's state, one JSON file per process (process_<i>-of-<n>.json)
+    meta/        JSON: step, tokens seen, the resolved config, tokenizer, process/device counts
+
+Trees are stored as nested dicts keyed by their pytree path (nnx Variables unwrapped), so the
+on-disk layout does not depend on how the train state is spelled in Python. Restoring goes
+against the CURRENT run's abstract state and shardings: that is how a checkpoint written on one
+mesh / device count is read onto another.
+
+Typical use in a training loop:
+
+    ckpt = Checkpointer(workdir, cfg)
+    restored = ckpt.restore_latest(abstract_state, state_shardings, data_iter)
+    if restored is not None:
+      state, step, meta = restored
+    while step < cfg.steps:
+      state = train_step(state, next(data_iter)); step += 1
+      ckpt.maybe_save(step, state, data_iter, {"tokens_seen": ...})
+      if ckpt.should_stop(step):        # SIGTERM / preemption: maybe_save has saved this step
+        break
+    ckpt.save(step, state, data_iter, meta, force=True)
+    ckpt.close()                        # waits for async saves
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import signal
+import threading
+import time
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from mta_jax import config as config_lib
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ITEMS = ("params", "opt_state", "data_iter", "meta")
+CHECKPOINT_SUBDIR = "checkpoints"
+
+# Model-config fields that do not change the parameters: a checkpoint restores across them.
+_RESTORE_COMPATIBLE_FIELDS = frozenset({
+    "dtype", "param_dtype", "remat", "max_len", "attention.implementation", "attention.dropout",
+    "attention.init", "attention.init_const"})
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be used; the message names the path and what to do."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint was written for a different model; the message lists the differences."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Trees <-> path-keyed nested dicts
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_leaf(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _key_str(k) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _unwrap(x):
+  return x.get_value() if isinstance(x, nnx.Variable) else x
+
+
+def flatten(tree) -> dict[tuple[str, ...], Any]:
+  """{path tuple of str: leaf} with nnx Variables unwrapped."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+  return {tuple(_key_str(k) for k in path): _unwrap(v) for path, v in flat}
+
+
+def nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    d = out
+    for k in path[:-1]:
+      d = d.setdefault(k, {})
+    d[path[-1]] = v
+  return out
+
+
+def to_storable(tree) -> dict:
+  """Any pytree -> nested dict of arrays keyed by its path (the on-disk layout)."""
+  return nest(flatten(tree))
+
+
+def fill(abstract, flat: Mapping[tuple[str, ...], Any]):
+  """`abstract` (any pytree, nnx Variables allowed) with its leaves replaced from `flat`."""
+  def one(path, leaf):
+    value = flat[tuple(_key_str(k) for k in path)]
+    return leaf.replace(value) if isinstance(leaf, nnx.Variable) else value
+  return jax.tree_util.tree_map_with_path(one, abstract, is_leaf=_is_leaf)
+
+
+def path_str(path: tuple[str, ...]) -> str:
+  return ".".join(path)
+
+
+def split_train_state(train_state) -> dict[str, Any]:
+  """{'params': ..., 'opt_state': {other fields}} from a dict / dataclass / nnx.State."""
+  if isinstance(train_state, Mapping):
+    fields = dict(train_state.items())
+  elif dataclasses.is_dataclass(train_state):
+    fields = {f.name: getattr(train_state, f.name) for f in dataclasses.fields(train_state)}
+  else:
+    raise TypeError(f"checkpoint: the train state must be a mapping or dataclass with a "
+                    f"'params' field; got {type(train_state).__name__}.")
+  if "params" not in fields:
+    raise TypeError(f"checkpoint: the train state has no 'params' field (fields: "
+                    f"{sorted(fields)}).")
+  params = fields.pop("params")
+  return {"params": params, "opt_state": fields}
+
+
+def _abstract_leaf(x, sharding):
+  if sharding is None:
+    sharding = getattr(x, "sharding", None)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+def abstract_storable(abstract_tree, shardings=None) -> dict:
+  """Restore target: nested dict of ShapeDtypeStruct carrying the CURRENT mesh's shardings."""
+  flat = flatten(abstract_tree)
+  flat_sh = {}
+  if shardings is not None:
+    flat_sh = flatten(jax.tree.map(lambda s: s, shardings, is_leaf=lambda s: isinstance(
+        s, (jax.sharding.Sharding, nnx.Variable))))
+  return nest({p: _abstract_leaf(v, flat_sh.get(p)) for p, v in flat.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Data iterator state: one JSON file per process
+# ---------------------------------------------------------------------------------------------
+
+
+def _process_file(directory: epath.Path, index: int, count: int) -> epath.Path:
+  return directory / f"process_{index}-of-{count}.json"
+
+
+class DataIterHandler(ocp.CheckpointHandler):
+  """Writes a state captured at save time (grain `get_state()`: dict or bytes) per process.
+
+  The state is captured synchronously by `Checkpointer`, so an async save never races with the
+  iterator moving on.
+  """
+
+  def save(self, directory: epath.Path, args: "DataIterSave"):
+    state = args.state
+    if isinstance(state, (bytes, bytearray)):
+      record = {"encoding": "base64", "state": base64.b64encode(bytes(state)).decode()}
+    else:
+      record = {"encoding": "json", "state": state}
+    path = _process_file(directory, jax.process_index(), jax.process_count())
+    path.write_text(json.dumps(record, indent=1))
+
+  def restore(self, directory: epath.Path, args: "DataIterRestore" = None):
+    path = _process_file(directory, jax.process_index(), jax.process_count())
+    if not path.exists():
+      found = sorted(p.name for p in directory.iterdir())
+      raise CheckpointError(f"no data-iterator state for this process at {path} (found "
+                            f"{found}).")
+    record = json.loads(path.read_text())
+    if record["encoding"] == "base64":
+      return base64.b64decode(record["state"])
+    return record["state"]
+
+  def metadata(self, directory: epath.Path):
+    del directory
+    return None
+
+  def structure(self, directory):
+    del directory
+    return None
+
+  def finalize(self, directory):
+    del directory
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(DataIterHandler, for_save=True)
+@dataclasses.dataclass
+class DataIterSave(ocp.args.CheckpointArgs):
+  state: Any
+
+
+@ocp.args.register_with_handler(DataIterHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIterRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def _iter_state(data_iter):
+  if data_iter is None:
+    return None
+  if not hasattr(data_iter, "get_state"):
+    raise TypeError(f"checkpoint: the data iterator {type(data_iter).__name__} has no "
+                    "get_state(); pass data_iter=None to run without saving its position.")
+  return data_iter.get_state()
+
+
+# ---------------------------------------------------------------------------------------------
+# Config compatibility
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat_dict(d: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_flat_dict(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def model_config_from_dict(d: Mapping) -> config_lib.ModelConfig:
+  """ModelConfig from its `dataclasses.asdict` form (unknown keys are an error)."""
+  d = dict(d)
+  att = dict(d.pop("attention", {}))
+  if att.get("kq_layers") is not None:
+    att["kq_layers"] = tuple(att["kq_layers"])
+  try:
+    return config_lib.ModelConfig(**d, attention=config_lib.AttentionConfig(**att))
+  except TypeError as e:
+    raise CheckpointError(f"stored model config does not match this code's ModelConfig: {e}")
+
+
+def resolved_model_fields(m: config_lib.ModelConfig) -> dict[str, Any]:
+  """The model config as flat 'a.b' fields, with derived sizes resolved."""
+  out = _flat_dict(dataclasses.asdict(m))
+  out["head_dim"] = m.resolved_head_dim
+  out["ffn_hidden"] = m.resolved_ffn_hidden
+  out["attention.c_h"] = m.resolved_c_h
+  out["attention.kq_layers"] = list(m.kq_layer_indices())
+  for k in ("attention.kq_every", "attention.kq_offset"):  # folded into kq_layers
+    out.pop(k)
+  return out
+
+
+def model_config_diff(stored: config_lib.ModelConfig, current: config_lib.ModelConfig,
+                      ignore: Iterable[str] = _RESTORE_COMPATIBLE_FIELDS) -> list[str]:
+  """['model.attention.pre_conv: checkpoint False, current True', ...]"""
+  a, b = resolved_model_fields(stored), resolved_model_fields(current)
+  ignore = set(ignore)
+  diffs = []
+  for k in sorted(set(a) | set(b)):
+    if k in ignore:
+      continue
+    if a.get(k, "<absent>") != b.get(k, "<absent>"):
+      diffs.append(f"model.{k}: checkpoint {a.get(k, '<absent>')!r}, current "
+                   f"{b.get(k, '<absent>')!r}")
+  return diffs
+
+
+def tree_shape_diff(stored: Mapping[tuple[str, ...], Any],
+                    target: Mapping[tuple[str, ...], Any], item: str) -> list[str]:
+  """Missing / unexpected / reshaped leaves between two flat {path: array-like} maps."""
+  diffs = []
+  for p in sorted(set(target) - set(stored)):
+    diffs.append(f"{item}.{path_str(p)}: missing in checkpoint (current shape "
+                 f"{tuple(target[p].shape)})")
+  for p in sorted(set(stored) - set(target)):
+    diffs.append(f"{item}.{path_str(p)}: in checkpoint (shape {tuple(stored[p].shape)}) but "
+                 "not in the current model")
+  for p in sorted(set(stored) & set(target)):
+    if tuple(stored[p].shape) != tuple(target[p].shape):
+      diffs.append(f"{item}.{path_str(p)}: checkpoint shape {tuple(stored[p].shape)}, current "
+                   f"{tuple(target[p].shape)}")
+  return diffs
+
+
+def _raise_incompatible(where: str, diffs: list[str], hint: str = "") -> None:
+  if not diffs:
+    return
+  shown = "\n  ".join(diffs[:20])
+  more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
+  raise IncompatibleCheckpointError(
+      f"checkpoint at {where} does not fit the current model:\n  {shown}{more}\n"
+      f"{hint or 'Use the config the checkpoint was written with, or a fresh workdir.'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain PyTree save / restore (exports)
+# ---------------------------------------------------------------------------------------------
+
+
+def save_tree(path, tree) -> None:
+  """Synchronously write one PyTree (nested dict of arrays) as an Orbax checkpoint at `path`."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(epath.Path(path), tree)
+    ckptr.wait_until_finished()
+
+
+def tree_metadata(path) -> dict[tuple[str, ...], Any]:
+  """Flat {path: metadata with .shape/.dtype} of an Orbax PyTree checkpoint directory."""
+  with ocp.StandardCheckpointer() as ckptr:
+    md = ckptr.metadata(epath.Path(path))
+  md = getattr(md, "item_metadata", md)
+  return flatten(md.tree if hasattr(md, "tree") else md)
+
+
+def restore_tree(path, target) -> dict:
+  """Restore a PyTree checkpoint into `target` (nested dict of ShapeDtypeStruct w/ shardings)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(epath.Path(path), target)
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_incomplete(name: str) -> bool:
+  return "tmp" in name and not name.isdigit()
+
+
+class Checkpointer:
+  """Orbax CheckpointManager for one run's workdir: periodic async saves, retention, resume,
+  SIGTERM / preemption handling."""
+
+  def __init__(self, workdir, cfg: config_lib.TrainConfig, *, install_signal_handler=True):
+    self.cfg = cfg
+    self.ccfg = cfg.checkpoint
+    self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    self._warn_incomplete()
+    policies = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+    if self.ccfg.every_steps > 0:
+      policies.insert(0, ocp.checkpoint_managers.FixedIntervalPolicy(self.ccfg.every_steps))
+    keep = [ocp.checkpoint_managers.LatestN(max(1, self.ccfg.keep_last))]
+    if self.ccfg.keep_every > 0:
+      keep.append(ocp.checkpoint_managers.EveryNSteps(self.ccfg.keep_every))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
+        enable_async_checkpointing=self.ccfg.async_save,
+        cleanup_tmp_directories=True,
+        create=True)
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=options, item_names=ITEMS,
+        item_handlers={"params": ocp.StandardCheckpointHandler(),
+                       "opt_state": ocp.StandardCheckpointHandler(),
+                       "data_iter": DataIterHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+    self._stop_requested = False
+    self._stop_at: int | None = None
+    self._prev_handler = None
+    if (install_signal_handler and jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
+      # Multi-process runs rely on JAX's preemption sync point instead (see should_stop).
+      self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  # -- signals ----------------------------------------------------------------------------------
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._stop_requested = True
+    log.warning("SIGTERM received: saving at the next step boundary, then exiting.")
+
+  def request_stop(self) -> None:
+    """What SIGTERM does: save at the next `maybe_save` and make `should_stop` true."""
+    self._stop_requested = True
+
+  def should_stop(self, step: int) -> bool:
+    """True once SIGTERM arrived (single process) or JAX's preemption sync point is reached."""
+    if self._stop_at is not None:
+      return True
+    if self._stop_requested or (jax.process_count() > 1 and self._mngr.reached_preemption(step)):
+      self._stop_at = step
+      return True
+    return False
+
+  # -- saving -----------------------------------------------------------------------------------
+
+  def _warn_incomplete(self) -> None:
+    if not self.directory.exists():
+      return
+    for p in sorted(self.directory.iterdir()):
+      if _is_incomplete(p.name):
+        log.warning("ignoring incomplete checkpoint %s (a save was interrupted); the latest "
+                    "complete checkpoint is used and the incomplete one removed.", p)
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def _meta(self, step: int, meta: Mapping | None) -> dict:
+    out = dict(meta or {})
+    out.update(
+        format_version=FORMAT_VERSION, step=int(step),
+        config=config_lib.to_dict(self.cfg),
+        tokenizer=self.cfg.data.tokenizer or None,
+        process_count=jax.process_count(), device_count=jax.device_count(),
+        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return json.loads(json.dumps(out, default=_json_default))
+
+  def save(self, step: int, train_state, data_iter=None, meta: Mapping | None = None, *,
+           force: bool = True) -> bool:
+    """Save `step` (async unless disabled). force=False applies the save policy."""
+    step = int(step)
+    if step in self._mngr.all_steps():
+      return False
+    if not force and not self._mngr.should_save(step):
+      return False
+    parts = split_train_state(train_state)
+    items = dict(
+        params=ocp.args.StandardSave(to_storable(parts["params"])),
+        opt_state=ocp.args.StandardSave(to_storable(parts["opt_state"])),
+        meta=ocp.args.JsonSave(self._meta(step, meta)))
+    state = _iter_state(data_iter)
+    if state is not None:
+      items["data_iter"] = DataIterSave(state)
+    saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    if saved:
+      log.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def maybe_save(self, step: int, train_state, data_iter=None,
+                 meta: Mapping | None = None) -> bool:
+    """Save when the interval policy says so, or when a stop was requested (SIGTERM)."""
+    stop = self.should_stop(step)
+    return self.save(step, train_state, data_iter, meta, force=stop)
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+    if self._prev_handler is not None:
+      signal.signal(signal.SIGTERM, self._prev_handler)
+      self._prev_handler = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # -- restoring --------------------------------------------------------------------------------
+
+  def read_meta(self, step: int) -> dict:
+    return self._mngr.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+
+  def stored_shapes(self, step: int, item: str) -> dict[tuple[str, ...], Any]:
+    md = self._mngr.item_metadata(step)[item]
+    return flatten(md.tree if hasattr(md, "tree") else md)
+
+  def check_compatible(self, step: int, meta: Mapping, targets: Mapping[str, dict]) -> None:
+    """Refuse a checkpoint of another model: config fields first, then leaf shapes."""
+    where = str(self.directory / str(step))
+    stored_cfg = meta.get("config", {}).get("model")
+    if stored_cfg is not None:
+      diffs = model_config_diff(model_config_from_dict(stored_cfg), self.cfg.model)
+      _raise_incompatible(where, diffs)
+    for item, target in targets.items():
+      _raise_incompatible(where, tree_shape_diff(self.stored_shapes(step, item),
+                                                 flatten(target), item))
+
+  def _quarantine(self, step: int) -> None:
+    if jax.process_index() == 0:
+      src = self.directory / str(step)
+      dst = self.directory / f"unreadable.{step}.{int(time.time())}"
+      try:
+        src.rename(dst)
+        log.warning("moved the unreadable checkpoint %s to %s", src, dst)
+      except OSError as e:  # pragma: no cover - e.g. read-only storage
+        log.warning("could not move the unreadable checkpoint %s aside: %s", src, e)
+    self._mngr.reload()
+
+  def restore_latest(self, abstract_train_state, shardings=None, data_iter=None):
+    """Restore the newest readable checkpoint onto the current mesh.
+
+    Args:
+      abstract_train_state: the train state with ShapeDtypeStruct (or array) leaves; same
+        structure as the states passed to `save`.
+      shardings: matching tree of jax Shardings for the CURRENT mesh (None: taken from the
+        abstract leaves, else a single device).
+      data_iter: restored in place with `set_state` when it was saved by the same number of
+        processes; otherwise it is left at its start and meta["data_restarted"] is True.
+
+    Returns:
+      None when the workdir has no checkpoint, else (train_state, step, meta).
+    Raises:
+      IncompatibleCheckpointError when the checkpoint belongs to another model.
+      CheckpointError when checkpoints exist but none can be read.
+    """
+    steps = sorted(self._mngr.all_steps(), reverse=True)
+    if not steps:
+      return None
+    parts = split_train_state(abstract_train_state)
+    sh_parts = (split_train_state(shardings) if shardings is not None
+                else {"params": None, "opt_state": None})
+    targets = {k: abstract_storable(parts[k], sh_parts[k]) for k in ("params", "opt_state")}
+    errors = []
+    for step in steps:
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+        errors.append(self._fallback(step, e))
+        continue
+      self.check_compatible(step, meta, targets)  # incompatible: refuse, never fall back
+      same_processes = meta.get("process_count", 1) == jax.process_count()
+      want_iter = data_iter is not None and same_processes
+      args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+      if want_iter:
+        args["data_iter"] = DataIterRestore()
+      try:
+        restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        jax.block_until_ready(restored["params"])
+      except Exception as e:  # noqa: BLE001
+        if want_iter and _missing_item(e, "data_iter"):
+          raise CheckpointError(f"checkpoint {self.directory / str(step)} has no data-iterator "
+                                "state but a data iterator was passed; pass data_iter=None.")
+        errors.append(self._fallback(step, e))
+        continue
+      meta = dict(meta)
+      meta["data_restarted"] = False
+      if want_iter:
+        data_iter.set_state(restored["data_iter"])
+      elif data_iter is not None:
+        meta["data_restarted"] = True
+        log.warning(
+            "checkpoint step %d was written by %s process(es), this run has %d: the data "
+            "iterator position cannot follow. The data stream restarts from its beginning "
+            "(deterministically, from the configured seed); already-seen examples may repeat.",
+            step, meta.get("process_count"), jax.process_count())
+      state = _rebuild(abstract_train_state, {
+          "params": fill(parts["params"], flatten(restored["params"])),
+          "opt_state": fill(parts["opt_state"], flatten(restored["opt_state"]))})
+      if errors:
+        log.warning("resumed from step %d after skipping %d unreadable checkpoint(s).", step,
+                    len(errors))
+      log.info("checkpoint: restored step %d from %s", step, self.directory)
+      return state, step, meta
+    raise CheckpointError(
+        f"no readable checkpoint in {self.directory}:\n  " + "\n  ".join(errors) +
+        "\nMove the directory away to start fresh, or restore a copy.")
+
+  def _fallback(self, step: int, e: Exception) -> str:
+    msg = f"step {step}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    log.warning("checkpoint %s is unreadable (%s); falling back to the previous checkpoint.",
+                self.directory / str(step), msg)
+    self._quarantine(step)
+    return msg
+
+  def restore_params(self, step: int | None, abstract_params, shardings=None):
+    """Only the parameters of `step` (None: latest), e.g. for evaluation or export."""
+    step = self._mngr.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}.")
+    target = abstract_storable(abstract_params, shardings)
+    r = self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    return fill(abstract_params, flatten(r["params"]))
+
+
+def _missing_item(e: Exception, item: str) -> bool:
+  s = str(e)
+  return item in s and ("not found" in s.lower() or "does not exist" in s.lower()
+                        or "no such" in s.lower())
+
+
+def _rebuild(abstract_train_state, parts: Mapping[str, Any]):
+  params, others = parts["params"], parts["opt_state"]
+  if isinstance(abstract_train_state, Mapping):
+    fields = {"params": params, **others}
+    if isinstance(abstract_train_state, nnx.State):
+      return nnx.State(fields)
+    return type(abstract_train_state)(fields) if type(abstract_train_state) is not dict else fields
+  return dataclasses.replace(abstract_train_state, params=params, **others)
+
+
+def _json_default(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  if isinstance(x, (set, frozenset, tuple)):
+    return list(x)
+  if dataclasses.is_dataclass(x):
+    return dataclasses.asdict(x)
+  return str(x)
+
+
+def checkpoint_dir(workdir) -> epath.Path:
+  return epath.Path(workdir) / CHECKPOINT_SUBDIR
