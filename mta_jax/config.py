@@ -104,6 +104,7 @@ class ToyConfig:
   n_train: int = 1_000_000
   n_test: int = 1_000
   seed: int = 0
+  answer_sep: bool = False         # put '=' between query and answer (the released format has none)
 
 
 @dataclasses.dataclass
@@ -124,6 +125,12 @@ class DataConfig:
   seed: int = 0
   workers: int = 0                 # grain worker processes; 0 = in-process
   prefetch: int = 2
+  path: str = ""                   # source "text": directory written by mta_jax.data.prepare
+  add_bos: bool = True             # real text: BOS before each document
+  add_eos: bool = True             # real text: EOS after each document
+  pack_bins: int = 0               # first_fit: documents packed per bin group; 0 -> 4 x rows/batch
+  long_docs: str = "split"         # first_fit: documents longer than seq_len: "split" | "error"
+  synthetic_vocab_size: int = 0    # source "synthetic": token range; 0 -> model.vocab_size
 
 
 @dataclasses.dataclass
@@ -262,3 +269,47 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
 def to_dict(cfg) -> dict:
   """The resolved config as plain JSON-able data."""
   return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data settings (static checks; `mta_jax.data.validate_data(cfg)` adds the vocabulary check)
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_data(d: DataConfig, prefix: str = "data") -> None:
+  """Rejects bad data settings without touching files; every message names the field."""
+  _choice(f"{prefix}.source", d.source, ("toy", "synthetic", "tfds", "text"))
+  _choice(f"{prefix}.packing", d.packing, ("concat", "first_fit"))
+  _choice(f"{prefix}.long_docs", d.long_docs, ("split", "error"))
+  for field in ("workers", "prefetch", "pack_bins", "synthetic_vocab_size"):
+    if getattr(d, field) < 0:
+      raise ConfigError(f"{prefix}.{field} must be >= 0; got {getattr(d, field)}.")
+  if d.source == "toy":
+    t = d.toy
+    _choice(f"{prefix}.toy.variant", t.variant, ("all", "first", "last"))
+    if not 1 <= t.block_len <= 25:
+      raise ConfigError(f"{prefix}.toy.block_len={t.block_len} must be in 1..25 (distinct "
+                        "lowercase letters, and blocks must be able to miss a query letter).")
+    if not 1 <= t.n_query <= t.block_len:
+      raise ConfigError(f"{prefix}.toy.n_query={t.n_query} must be in 1..{prefix}.toy.block_len"
+                        f"={t.block_len}.")
+    for field in ("n_blocks", "n_train", "n_test"):
+      if getattr(t, field) < 1:
+        raise ConfigError(f"{prefix}.toy.{field} must be >= 1; got {getattr(t, field)}.")
+    need = (t.n_blocks * (t.block_len + 1) + t.n_query + int(t.answer_sep)
+            + (t.block_len if t.variant == "all" else 1))
+    if d.seq_len < need:
+      raise ConfigError(f"{prefix}.seq_len={d.seq_len} is too short for the toy task: one sample "
+                        f"needs {need} positions; set {prefix}.seq_len >= {need} (or shrink "
+                        f"{prefix}.toy.n_blocks / block_len).")
+  if d.source == "tfds" and not d.tfds_name:
+    raise ConfigError(f"{prefix}.source='tfds' needs {prefix}.tfds_name (e.g. 'lm1b', prepared "
+                      "in array_record format).")
+  if d.source == "text" and not d.path:
+    raise ConfigError(f"{prefix}.source='text' needs {prefix}.path: the directory written by "
+                      "`python -m mta_jax.data.prepare`.")
+  if d.source in ("tfds", "text") and not d.tokenizer:
+    raise ConfigError(f"{prefix}.source={d.source!r} needs {prefix}.tokenizer: a sentencepiece "
+                      ".model file (train one with `python -m mta_jax.data.tokenizer`).")
+  if d.source in ("tfds", "text") and d.seq_len < 2:
+    raise ConfigError(f"{prefix}.seq_len must be >= 2 for text; got {d.seq_len}.")

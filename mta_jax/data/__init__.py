@@ -1,0 +1,31 @@
+"""Data: grain pipelines for the toy task, synthetic tokens and real text (TFDS / own files).
+
+Public API (all take the whole `TrainConfig`; `cfg.data.source` picks the source):
+  make_train_iterator(cfg, *, process_index=None, process_count=None)
+      infinite grain DatasetIterator (get_state / set_state) of per-process batches
+  make_eval_batches(cfg, *, process_index=None, process_count=None)
+      the eval split once, unshuffled, last batch padded (loss_mask 0 on padding rows)
+  vocab_size(cfg), check_vocab(cfg)
+  to_global_batch(batch, sharding)
+  validate_data(cfg)     static checks of cfg.data plus check_vocab (called by config.validate)
+  toy_error_rate / toy_error_counts, toy_vocab_size   (the toy task's metric and vocabulary)
+
+Batches: dict of numpy arrays, `inputs`, `targets`, `segment_ids`, `positions` int32 [b, T] and
+`loss_mask` float32 [b, T], b = global batch // process_count.
+"""
+
+from mta_jax.data.pipeline import (check_vocab, make_eval_batches, make_train_iterator,
+                                   to_global_batch, vocab_size)
+from mta_jax.data.toy import toy_error_counts, toy_error_rate, toy_vocab_size
+
+
+def validate_data(cfg) -> None:
+  """Static data checks (`mta_jax.config.validate_data`) plus the vocabulary check."""
+  from mta_jax import config
+  config.validate_data(cfg.data)
+  check_vocab(cfg)
+
+
+__all__ = ["make_train_iterator", "make_eval_batches", "vocab_size", "check_vocab",
+           "to_global_batch", "validate_data", "toy_error_rate", "toy_error_counts",
+           "toy_vocab_size"]
