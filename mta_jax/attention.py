@@ -127,6 +127,15 @@ class Attention(nnx.Module):
         segment_ids=segment_ids_BxT, implementation=a.implementation,
         dropout_rate=rate, dropout_rng=dropout_rng)
 
+  def weights(self, x_BxTxD: Array, positions_BxT: Array,
+              segment_ids_BxT: Array | None = None) -> Array:
+    """This layer's attention weights A [B, H, T, T] (float32), for analysis and plots."""
+    q, k, _ = self.project(x_BxTxD, positions_BxT)
+    get = lambda w: None if w is None else w[...]
+    return ops.attention_weights(q, k, kq_kernel_pre=get(self.kq_pre),
+                                 kq_kernel_post=get(self.kq_post), head_mix_pre=get(self.mix_pre),
+                                 head_mix_post=get(self.mix_post), segment_ids=segment_ids_BxT)
+
   def group_norm(self, o_BxTxHxK: Array) -> Array:
     """Per-head RMSNorm over head_dim, then the sigmoid gate (v2) or depth scaling (v1)."""
     a = self.cfg.attention

@@ -56,17 +56,8 @@ class TransformerLM(nnx.Module):
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs, param_dtype=pdt)
 
-  def __call__(self, tokens_BxT: Array, segment_ids: Array | None = None,
-               positions: Array | None = None, *, dropout_rng: Array | None = None) -> Array:
-    """Float32 logits [B, T, V].
-
-    Args:
-      tokens_BxT: int token ids.
-      segment_ids: [B, T] document ids of packed rows (None: one document per row). Attention,
-        every MTA convolution and RoPE stay inside a document.
-      positions: [B, T] per-document positions (None: 0..T-1).
-      dropout_rng: a PRNG key enables attention dropout (training); None is deterministic.
-    """
+  def _check_inputs(self, tokens_BxT, segment_ids, positions) -> Array:
+    """Validates the call's arrays; returns positions (0..T-1 when None)."""
     if tokens_BxT.ndim != 2:
       raise ValueError(f"tokens must be [batch, length]; got shape {tokens_BxT.shape}.")
     batch, length = tokens_BxT.shape
@@ -78,6 +69,20 @@ class TransformerLM(nnx.Module):
                          f"got {arr.shape}.")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    return positions
+
+  def __call__(self, tokens_BxT: Array, segment_ids: Array | None = None,
+               positions: Array | None = None, *, dropout_rng: Array | None = None) -> Array:
+    """Float32 logits [B, T, V].
+
+    Args:
+      tokens_BxT: int token ids.
+      segment_ids: [B, T] document ids of packed rows (None: one document per row). Attention,
+        every MTA convolution and RoPE stay inside a document.
+      positions: [B, T] per-document positions (None: 0..T-1).
+      dropout_rng: a PRNG key enables attention dropout (training); None is deterministic.
+    """
+    positions = self._check_inputs(tokens_BxT, segment_ids, positions)
     dtype = jnp.dtype(self.cfg.dtype)
     x = constrain(self.embed(tokens_BxT, dtype), _ACT)
     apply = _block_apply_remat if self.cfg.remat else _block_apply
@@ -86,6 +91,17 @@ class TransformerLM(nnx.Module):
       x = apply(block, x, positions, segment_ids, rng)
     x = self.final_norm(x)
     return constrain(self.embed.attend(x), ("act_batch", "act_length", "act_vocab"))
+
+  def attention_maps(self, tokens_BxT: Array, segment_ids: Array | None = None,
+                     positions: Array | None = None) -> list[Array]:
+    """Every layer's attention weights [B, H, T, T] (float32), from one forward pass."""
+    positions = self._check_inputs(tokens_BxT, segment_ids, positions)
+    x = self.embed(tokens_BxT, jnp.dtype(self.cfg.dtype))
+    maps = []
+    for block in self.blocks:
+      maps.append(block.attn.weights(block.attn_norm(x), positions, segment_ids))
+      x = block(x, positions, segment_ids, None)
+    return maps
 
 
 def abstract_model(cfg: ModelConfig) -> TransformerLM:

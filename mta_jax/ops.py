@@ -103,6 +103,20 @@ def _check_segment_ids(segment_ids: Array, batch: int, length: int) -> None:
     raise ValueError(f"segment_ids must be integers; got dtype {segment_ids.dtype}.")
 
 
+def _check_all(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+               segment_ids) -> None:
+  _check_qkv(q, k, v)
+  batch, length, heads, _ = q.shape
+  for name, kern in (("kq_kernel_pre", kq_kernel_pre), ("kq_kernel_post", kq_kernel_post)):
+    if kern is not None:
+      check_kq_kernel(kern, heads, name)
+  for name, w in (("head_mix_pre", head_mix_pre), ("head_mix_post", head_mix_post)):
+    if w is not None:
+      check_head_mix(w, heads, name)
+  if segment_ids is not None:
+    _check_segment_ids(segment_ids, batch, length)
+
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks (shared by every implementation).
 # ---------------------------------------------------------------------------------------------
@@ -192,9 +206,9 @@ def attention_dropout(p_BxHxTxT: Array, rate: float, rng: Array | None) -> Array
 # ---------------------------------------------------------------------------------------------
 
 
-def _mta_xla(q, k, v, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
-             segment_ids, dropout_rate, dropout_rng):
-  """Materialises the [B, H, T, T] logits and follows MTA_SPEC Sec. 4 line by line."""
+def _weights_xla(q, k, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+                 segment_ids):
+  """The attention weights A [B, H, T, T] (float32), following MTA_SPEC Sec. 4 line by line."""
   _, length, _, head_dim = q.shape
   f32 = jnp.float32
   mask = attention_mask(length, segment_ids)
@@ -218,9 +232,17 @@ def _mta_xla(q, k, v, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_p
     p = jnp.where(mask, p, 0.0)  # Mask_0
   if head_mix_post is not None:
     p = head_mix(p, head_mix_post.astype(f32))  # Eq. 7 on probabilities
+  return p
 
+
+def _mta_xla(q, k, v, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+             segment_ids, dropout_rate, dropout_rng):
+  """Materialises the [B, H, T, T] weights with `_weights_xla`, then drops out and applies A v."""
+  p = _weights_xla(q, k, kq_kernel_pre=kq_kernel_pre, kq_kernel_post=kq_kernel_post,
+                   head_mix_pre=head_mix_pre, head_mix_post=head_mix_post,
+                   segment_ids=segment_ids)
   p = attention_dropout(p, dropout_rate, dropout_rng)
-  out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=f32,
+  out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
                    precision=jax.lax.Precision.HIGHEST)
   return out.astype(q.dtype)
 
@@ -289,16 +311,7 @@ def multi_token_attention(q: Array, k: Array, v: Array, *,
   Any MTA argument left None skips its stage; with all four None this is causal softmax
   attention. Logits, convolutions and softmax run in float32; the output has q's dtype.
   """
-  _check_qkv(q, k, v)
-  batch, length, heads, _ = q.shape
-  for name, kern in (("kq_kernel_pre", kq_kernel_pre), ("kq_kernel_post", kq_kernel_post)):
-    if kern is not None:
-      check_kq_kernel(kern, heads, name)
-  for name, w in (("head_mix_pre", head_mix_pre), ("head_mix_post", head_mix_post)):
-    if w is not None:
-      check_head_mix(w, heads, name)
-  if segment_ids is not None:
-    _check_segment_ids(segment_ids, batch, length)
+  _check_all(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate}.")
   if implementation not in _IMPLEMENTATIONS:
@@ -311,6 +324,21 @@ def multi_token_attention(q: Array, k: Array, v: Array, *,
   return _mta_jit(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
                   segment_ids, dropout_rng, implementation=implementation,
                   dropout_rate=float(dropout_rate))
+
+
+def attention_weights(q: Array, k: Array, *, kq_kernel_pre: Array | None = None,
+                      kq_kernel_post: Array | None = None, head_mix_pre: Array | None = None,
+                      head_mix_post: Array | None = None,
+                      segment_ids: Array | None = None) -> Array:
+  """The MTA attention weights A [batch, heads, query, key] in float32 (for analysis and plots).
+
+  Same arguments and semantics as `multi_token_attention` (without v and dropout); rows need
+  not sum to 1 when a post-softmax op is present.
+  """
+  _check_all(q, k, k, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
+  return jax.jit(_weights_xla)(q, k, kq_kernel_pre=kq_kernel_pre, kq_kernel_post=kq_kernel_post,
+                               head_mix_pre=head_mix_pre, head_mix_post=head_mix_post,
+                               segment_ids=segment_ids)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, *,

@@ -193,3 +193,21 @@ def test_bad_call_arguments():
 def test_depth_scale_values():
   assert attention_lib.depth_scale(0) == pytest.approx(1 - 0.2)
   assert attention_lib.depth_scale(10) == pytest.approx(1 - (0.8 - 0.6 * np.exp(-3.0)))
+
+
+def test_attention_maps_and_pictures(tmp_path):
+  from mta_jax import viz
+  model = _randomise_mta(TransformerLM(tiny(FULL_MTA), rngs=nnx.Rngs(0)))
+  tokens = _tokens(b=1, t=10)
+  maps = model.attention_maps(tokens)
+  assert len(maps) == 3 and maps[0].shape == (1, 4, 10, 10)
+  # Weights are causal; with post-softmax ops rows need not sum to one, without them they do.
+  assert np.all(np.triu(np.asarray(maps[0][0, 0]), 1) == 0)
+  base = TransformerLM(tiny(AttentionConfig()), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(np.asarray(base.attention_maps(tokens)[1]).sum(-1), 1.0, rtol=1e-6)
+  png = viz.plot_attention_maps(maps, str(tmp_path / "maps.png"), labels=list("abcdefghij"))
+  kernels = viz.plot_kernels(model, str(tmp_path / "kernels.png"))
+  for path in (png, kernels):
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert viz.plot_kernels(base, str(tmp_path / "none.png")) is None

@@ -234,3 +234,14 @@ def test_property_matches_numpy_loop(t, h, c_q, half, c_h, seed, cut):
   got = ops.multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo, head_mix_pre=mp,
                                   head_mix_post=mpo, segment_ids=seg)
   _assert_close(got, mta_numpy(q, k, v, kp, kpo, mp, mpo, seg))
+
+
+def test_attention_weights_times_v_is_the_op():
+  rng = np.random.default_rng(11)
+  q, k, v = _qkv(rng)
+  weights = dict(kq_kernel_pre=_kernel(rng, 6, 11), kq_kernel_post=_kernel(rng, 2, 9),
+                 head_mix_pre=_mix(rng, 2), head_mix_post=_mix(rng, 4), segment_ids=SEGMENTS)
+  a = ops.attention_weights(q, k, **weights)
+  assert a.shape == (B, H, T, T) and a.dtype == jnp.float32
+  _assert_close(np.einsum("bhqk,bkhd->bqhd", np.asarray(a, np.float64), v),
+                ops.multi_token_attention(q, k, v, **weights))
