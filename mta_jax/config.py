@@ -5,10 +5,9 @@ overrides fields (`--config.model.n_layers=4`). `validate(cfg)` rejects unknown 
 inconsistent settings with a message naming the field, before anything is compiled.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
+import typing
 from typing import Optional
 
 
@@ -145,8 +144,9 @@ class OptimConfig:
   warmup_steps: int = 375
   decay_steps: int = 0             # 0 -> total training steps
   min_lr_ratio: float = 0.0
-  grad_accum: int = 1              # micro-batches per optimizer step
+  grad_accum: int = 1              # micro-batches (of data.batch_size rows) per optimizer step
   z_loss: float = 0.0              # weight of the log(Z)^2 auxiliary loss
+  decay_mask: str = "matrices"     # weight decay on "matrices" (ndim >= 2) or "all" parameters
 
 
 @dataclasses.dataclass
@@ -178,6 +178,7 @@ class TrainConfig:
   log_every: int = 50
   seed: int = 0
   name: str = ""
+  peak_tflops: float = 0.0         # per-device peak for MFU; 0 -> look up by device kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +270,169 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
 def to_dict(cfg) -> dict:
   """The resolved config as plain JSON-able data."""
   return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-config validation (types, choices, cross-field consistency, mesh vs devices)
+# ---------------------------------------------------------------------------------------------
+
+_TYPE_NAMES = {int: "an int", float: "a float", bool: "a bool", str: "a string"}
+
+
+def check_types(cfg, prefix: str = "") -> None:
+  """Every field of every nested dataclass holds a value of its declared type.
+
+  Config files assign plain Python values; a wrong type (a string where an int belongs, a float
+  where an int belongs) fails here, naming the field. Ints are accepted for float fields.
+  """
+  hints = typing.get_type_hints(type(cfg))
+  for f in dataclasses.fields(cfg):
+    name = f"{prefix}{f.name}"
+    value = getattr(cfg, f.name)
+    want = hints[f.name]
+    if dataclasses.is_dataclass(want):
+      if not isinstance(value, want):
+        raise ConfigError(f"{name} must be a {want.__name__}; got {type(value).__name__}.")
+      check_types(value, name + ".")
+      continue
+    optional = typing.get_origin(want) is typing.Union and type(None) in typing.get_args(want)
+    if optional:
+      if value is None:
+        continue
+      want = next(t for t in typing.get_args(want) if t is not type(None))
+    ok = (isinstance(value, bool) if want is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+          isinstance(value, int) and not isinstance(value, bool) if want is int else
+          isinstance(value, (tuple, list)) if want in (tuple, list) else
+          isinstance(value, want))
+    if not ok:
+      raise ConfigError(f"{name}={value!r} has the wrong type: expected "
+                        f"{_TYPE_NAMES.get(want, getattr(want, '__name__', str(want)))}"
+                        f"{' or None' if optional else ''}, got {type(value).__name__}.")
+  if isinstance(cfg, AttentionConfig) and cfg.kq_layers is not None:
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in cfg.kq_layers):
+      raise ConfigError(f"{prefix}kq_layers={cfg.kq_layers!r} must be a tuple of ints, "
+                        "e.g. --config.model.attention.kq_layers='(2, 6)'.")
+
+
+def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with -1 filled in; ConfigError unless it multiplies to `n_devices`."""
+  shape = [mesh.data, mesh.fsdp, mesh.tensor]
+  names = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+  for name, s in zip(names, shape):
+    if s == 0 or s < -1:
+      raise ConfigError(f"{name}={s} must be a positive size or -1 (fill with the remaining "
+                        "devices).")
+  if shape.count(-1) > 1:
+    raise ConfigError(f"at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1; got "
+                      f"{mesh.data}, {mesh.fsdp}, {mesh.tensor}.")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    i = shape.index(-1)
+    if n_devices % known:
+      raise ConfigError(f"{names[i]}=-1 cannot be filled: {n_devices} devices are not divisible "
+                        f"by the other mesh axes (product {known}).")
+    shape[i] = n_devices // known
+  if math.prod(shape) != n_devices:
+    raise ConfigError(f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = "
+                      f"{math.prod(shape)} devices, but {n_devices} are available; set "
+                      "mesh.data / mesh.fsdp / mesh.tensor so the product matches, or make one "
+                      "of them -1.")
+  return tuple(shape)
+
+
+def _validate_optim(o: OptimConfig, steps: int) -> None:
+  if o.lr < 0:
+    raise ConfigError(f"optim.lr must be >= 0; got {o.lr}.")
+  for field in ("b1", "b2"):
+    if not 0.0 <= getattr(o, field) < 1.0:
+      raise ConfigError(f"optim.{field} must be in [0, 1); got {getattr(o, field)}.")
+  if o.eps <= 0:
+    raise ConfigError(f"optim.eps must be > 0; got {o.eps}.")
+  for field in ("weight_decay", "clip_norm", "z_loss", "warmup_steps", "decay_steps"):
+    if getattr(o, field) < 0:
+      raise ConfigError(f"optim.{field} must be >= 0; got {getattr(o, field)}.")
+  _choice("optim.schedule", o.schedule, ("linear", "cosine", "constant"))
+  _choice("optim.decay_mask", o.decay_mask, ("matrices", "all"))
+  if not 0.0 <= o.min_lr_ratio <= 1.0:
+    raise ConfigError(f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}.")
+  if o.grad_accum < 1:
+    raise ConfigError(f"optim.grad_accum must be >= 1; got {o.grad_accum}.")
+  total = o.decay_steps or steps
+  if o.schedule != "constant" and o.warmup_steps > total:
+    raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds the schedule length "
+                      f"{total} (optim.decay_steps, or steps when it is 0); lower the warmup.")
+
+
+def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
+             process_count: int = 1) -> None:
+  """Rejects a bad TrainConfig before anything is built; every message names the field.
+
+  Args:
+    cfg: the whole configuration.
+    n_devices: devices the mesh must cover (None skips the mesh / batch / tensor checks).
+    process_count: JAX processes; the global batch is split evenly over them.
+  """
+  if not isinstance(cfg, TrainConfig):
+    raise ConfigError(f"the config must be a TrainConfig; got {type(cfg).__name__} (does "
+                      "get_config() return mta_jax.config.TrainConfig?).")
+  check_types(cfg)
+  validate_model(cfg.model)
+  for field in ("steps", "log_every"):
+    if getattr(cfg, field) < 1:
+      raise ConfigError(f"{field} must be >= 1; got {getattr(cfg, field)}.")
+  for field in ("eval_every", "eval_steps", "peak_tflops"):
+    if getattr(cfg, field) < 0:
+      raise ConfigError(f"{field} must be >= 0 (0 = off / whole split / look up); got "
+                        f"{getattr(cfg, field)}.")
+  _validate_optim(cfg.optim, cfg.steps)
+  d = cfg.data
+  if d.batch_size < 1 or d.eval_batch_size < 0:
+    raise ConfigError(f"data.batch_size must be >= 1 and data.eval_batch_size >= 0; got "
+                      f"{d.batch_size}, {d.eval_batch_size}.")
+  if d.seq_len < 1 or d.seq_len > cfg.model.max_len:
+    raise ConfigError(f"data.seq_len={d.seq_len} must be in 1..model.max_len="
+                      f"{cfg.model.max_len}; raise model.max_len or shorten data.seq_len.")
+  c = cfg.checkpoint
+  for field in ("every_steps", "keep_last", "keep_every"):
+    if getattr(c, field) < 0:
+      raise ConfigError(f"checkpoint.{field} must be >= 0; got {getattr(c, field)}.")
+  try:  # the data engineer's checks (sources, tokenizer, toy task), when present
+    from mta_jax.data import validate_data
+  except ImportError:
+    validate_data = None
+  if validate_data is not None:
+    validate_data(cfg)
+
+  if process_count < 1:
+    raise ValueError(f"process_count must be >= 1; got {process_count}.")
+  for name, rows in (("data.batch_size", d.batch_size),
+                     ("data.eval_batch_size", d.eval_batch_size or d.batch_size)):
+    if rows % process_count:
+      raise ConfigError(f"{name}={rows} is not divisible by the {process_count} processes; "
+                        "each process loads an equal share of the global batch.")
+  if n_devices is None:
+    return
+  data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, n_devices)
+  dp = data * fsdp
+  for name, rows in (("data.batch_size", d.batch_size),
+                     ("data.eval_batch_size", d.eval_batch_size or d.batch_size)):
+    if rows % dp:
+      raise ConfigError(f"{name}={rows} is not divisible by the data-parallel size "
+                        f"mesh.data x mesh.fsdp = {data} x {fsdp} = {dp}; make the batch a "
+                        "multiple of it or change the mesh.")
+  m = cfg.model
+  if m.n_heads % tensor:
+    raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by mesh.tensor={tensor}; "
+                      "heads are split over the tensor axis.")
+  a = m.attention
+  if (a.head_mix_pre or a.head_mix_post) and (m.n_heads // m.resolved_c_h) % tensor:
+    groups = m.n_heads // m.resolved_c_h
+    raise ConfigError(
+        f"model.attention.c_h={a.c_h} gives {groups} head-mixing group(s) of "
+        f"{m.resolved_c_h} heads, which cannot be split over mesh.tensor={tensor} without a "
+        "group straddling two shards; use a c_h with (n_heads // c_h) divisible by "
+        "mesh.tensor, or a smaller mesh.tensor.")
 
 
 # ---------------------------------------------------------------------------------------------
