@@ -347,11 +347,14 @@ class Checkpointer:
   """Orbax CheckpointManager for one run's workdir: periodic async saves, retention, resume,
   SIGTERM / preemption handling."""
 
-  def __init__(self, workdir, cfg: config_lib.TrainConfig, *, install_signal_handler=True):
+  def __init__(self, workdir, cfg: config_lib.TrainConfig, *, install_signal_handler=True,
+               read_only: bool = False):
     self.cfg = cfg
     self.ccfg = cfg.checkpoint
     self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
-    self._warn_incomplete()
+    self.read_only = read_only
+    if not read_only:
+      self._warn_incomplete()
     policies = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
     if self.ccfg.every_steps > 0:
       policies.insert(0, ocp.checkpoint_managers.FixedIntervalPolicy(self.ccfg.every_steps))
@@ -362,8 +365,9 @@ class Checkpointer:
         save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
         enable_async_checkpointing=self.ccfg.async_save,
-        cleanup_tmp_directories=True,
-        create=True)
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+        create=not read_only)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options, item_names=ITEMS,
         item_handlers={"params": ocp.StandardCheckpointHandler(),
@@ -373,7 +377,7 @@ class Checkpointer:
     self._stop_requested = False
     self._stop_at: int | None = None
     self._prev_handler = None
-    if (install_signal_handler and jax.process_count() == 1
+    if (install_signal_handler and not read_only and jax.process_count() == 1
         and threading.current_thread() is threading.main_thread()):
       # Multi-process runs rely on JAX's preemption sync point instead (see should_stop).
       self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -575,6 +579,12 @@ class Checkpointer:
     self._quarantine(step)
     return msg
 
+  def restore_item(self, step: int, item: str, target) -> Any:
+    """One array item ('params' / 'opt_state') of `step`, restored into `target` (a nested dict
+    of ShapeDtypeStruct with shardings, or of numpy arrays for host copies)."""
+    return self._mngr.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(target)}))[item]
+
   def restore_params(self, step: int | None, abstract_params, shardings=None):
     """Only the parameters of `step` (None: latest), e.g. for evaluation or export."""
     step = self._mngr.latest_step() if step is None else step
@@ -617,3 +627,9 @@ def _json_default(x):
 
 def checkpoint_dir(workdir) -> epath.Path:
   return epath.Path(workdir) / CHECKPOINT_SUBDIR
+
+
+def export_main(cfg: config_lib.TrainConfig, workdir: str, flags=None) -> str:
+  """`python train.py --mode=export`: see `mta_jax.export` (layout and `load_exported`)."""
+  from mta_jax import export  # export builds on this module
+  return export.export_main(cfg, workdir, flags)

@@ -163,6 +163,13 @@ class CheckpointConfig:
   keep_last: int = 3
   keep_every: int = 0              # additionally keep every m-th step forever; 0 = none
   async_save: bool = True
+  # Start a fresh workdir from another run's weights (ignored once the workdir has a checkpoint):
+  # a workdir, a checkpoint step directory or an export. MTA weights the source lacks start at
+  # identity (the paper's App. I retrofit); every other weight must match.
+  init_from: str = ""
+  export_dir: str = ""             # --mode=export output; "" -> <workdir>/export
+  export_dtype: str = ""           # "" keeps the parameter dtype; "bfloat16" casts
+  export_step: int = -1            # -1 -> the latest checkpoint
 
 
 @dataclasses.dataclass

@@ -1,0 +1,439 @@
+"""Params-only exports, loading them back, and retrofitting MTA onto a baseline (paper App. I).
+
+Export layout (one self-contained directory; nothing refers back to the training workdir):
+
+    <export_dir>/
+      export.json         manifest: format, version, source step, dtype, parameter count,
+                          tokenizer file (or null), sha256 of every other file
+      config.json         the resolved TrainConfig (`model` is what `load_exported` builds)
+      params/             Orbax PyTree checkpoint of the parameters (nested dict, no optimizer)
+      model.safetensors   the same tensors, flat names such as "blocks.0.attn.wq", for use
+                          outside JAX (PyTorch, NumPy); metadata carries the config JSON
+      tokenizer.model     copy of data.tokenizer (sentencepiece) when the run used one
+
+Written into a temporary sibling directory and renamed when complete, so a killed export never
+leaves a directory that looks finished. Create one with
+
+    python train.py --mode=export --workdir=<run> [--config.checkpoint.export_dir=<dir>]
+                    [--config.checkpoint.export_dtype=bfloat16]
+
+and load it with `load_exported(<dir>)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mta_jax import checkpoint as ckpt_lib
+from mta_jax import config as config_lib
+from mta_jax import ops, sharding
+from mta_jax.model import TransformerLM
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "mta_jax.export"
+EXPORT_VERSION = 1
+MANIFEST = "export.json"
+SAFETENSORS = "model.safetensors"
+TOKENIZER = "tokenizer.model"
+
+# Parameters that only MTA / talking-heads / group-norm layers have (leaf names in the tree).
+MTA_PARAM_NAMES = frozenset({"kq_pre", "kq_post", "mix_pre", "mix_post", "norm_scale", "gate_w",
+                             "gate_b"})
+
+
+class ExportError(RuntimeError):
+  """A missing, incomplete or corrupt export; the message names the path."""
+
+
+@dataclasses.dataclass
+class Exported:
+  """What `load_exported` returns: a ready `TransformerLM` and what describes it."""
+  model: TransformerLM
+  config: config_lib.TrainConfig
+  step: int
+  tokenizer: Optional[str]      # absolute path of the exported tokenizer file, or None
+  manifest: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# Config (de)serialisation
+# ---------------------------------------------------------------------------------------------
+
+
+def _dataclass_from_dict(cls, d: Mapping, where: str):
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - set(fields))
+  if unknown:
+    raise ExportError(f"{where}: unknown config fields {unknown} for {cls.__name__} (written by "
+                      "a different version of mta_jax?).")
+  kwargs = {}
+  for name, value in d.items():
+    default = fields[name].default_factory() if fields[name].default_factory is not \
+        dataclasses.MISSING else None
+    if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+      kwargs[name] = _dataclass_from_dict(type(default), value, f"{where}.{name}")
+    elif isinstance(value, list):
+      kwargs[name] = tuple(value)
+    else:
+      kwargs[name] = value
+  return cls(**kwargs)
+
+
+def train_config_from_dict(d: Mapping, where: str = "config") -> config_lib.TrainConfig:
+  """TrainConfig from `config.to_dict` output (JSON lists become tuples)."""
+  return _dataclass_from_dict(config_lib.TrainConfig, d, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _file_hashes(root: str) -> dict[str, str]:
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in sorted(files):
+      full = os.path.join(d, f)
+      rel = os.path.relpath(full, root)
+      if rel != MANIFEST:
+        out[rel] = _sha256(full)
+  return dict(sorted(out.items()))
+
+
+def _export_dtypes(model_cfg: config_lib.ModelConfig) -> dict[tuple[str, ...], Any]:
+  """Leaf dtypes of the model `model_cfg` describes (MTA weights stay float32)."""
+  abstract = nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0)))
+  return {p: v.dtype for p, v in ckpt_lib.flatten(nnx.state(abstract, nnx.Param)).items()}
+
+
+def write_export(out_dir: str, params_flat: Mapping[tuple[str, ...], np.ndarray],
+                 cfg: config_lib.TrainConfig, *, step: int, tokenizer: Optional[str],
+                 overwrite: bool = True) -> str:
+  """Write the export layout (see module docstring) atomically. Returns `out_dir`."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir):
+    if not os.path.exists(os.path.join(out_dir, MANIFEST)):
+      raise ExportError(f"{out_dir} exists and is not an export; choose another export "
+                        "directory (--config.checkpoint.export_dir) or remove it.")
+    if not overwrite:
+      raise ExportError(f"{out_dir} already holds an export; pass overwrite=True to replace it.")
+  if tokenizer and not os.path.isfile(tokenizer):
+    raise ExportError(f"tokenizer {tokenizer!r} (data.tokenizer) does not exist; the export "
+                      "would not be self-contained. Fix the path or clear data.tokenizer.")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-{int(time.time())}")
+  try:
+    os.makedirs(tmp)
+    ckpt_lib.save_tree(os.path.join(tmp, "params"), ckpt_lib.nest(params_flat))
+    cfg_dict = config_lib.to_dict(cfg)
+    cfg_json = json.dumps(cfg_dict, indent=2, sort_keys=True)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      f.write(cfg_json)
+    from safetensors.numpy import save_file
+    save_file({ckpt_lib.path_str(p): np.array(v, order="C") for p, v in params_flat.items()},
+              os.path.join(tmp, SAFETENSORS),
+              metadata={"format": EXPORT_FORMAT, "config": json.dumps(cfg_dict["model"]),
+                        "step": str(step)})
+    if tokenizer:
+      shutil.copyfile(tokenizer, os.path.join(tmp, TOKENIZER))
+    dtypes = sorted({str(v.dtype) for v in params_flat.values()})
+    manifest = {
+        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "step": int(step),
+        "param_dtypes": dtypes, "n_params": int(sum(v.size for v in params_flat.values())),
+        "tokenizer": TOKENIZER if tokenizer else None,
+        "tokenizer_source": tokenizer or None,
+        "files": _file_hashes(tmp),
+    }
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+      json.dump(manifest, f, indent=2)
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
+def export_checkpoint(workdir: str, out_dir: str, *, dtype: str = "", step: Optional[int] = None,
+                      cfg: Optional[config_lib.TrainConfig] = None) -> str:
+  """Export the parameters of checkpoint `step` (None: latest) of the run in `workdir`.
+
+  The checkpoint's own stored config defines the model; `cfg` (the command line's) only adds a
+  warning when its model differs. dtype "bfloat16" casts every parameter that a
+  `param_dtype=bfloat16` model keeps in bf16 (the MTA kernels stay float32).
+  """
+  config_lib._choice("checkpoint.export_dtype", dtype, ("", "float32", "bfloat16"))
+  if not ckpt_lib.checkpoint_dir(workdir).exists():
+    raise ExportError(f"no checkpoints in {workdir} (expected {ckpt_lib.checkpoint_dir(workdir)}"
+                      "); train first, or pass the run's --workdir.")
+  ck = ckpt_lib.Checkpointer(workdir, cfg or config_lib.TrainConfig(), read_only=True)
+  try:
+    step = ck.latest_step() if step is None or step < 0 else int(step)
+    if step is None or step not in ck.all_steps():
+      raise ExportError(f"checkpoint step {step} not found in {ck.directory}; available: "
+                        f"{ck.all_steps()}.")
+    meta = ck.read_meta(step)
+    stored = train_config_from_dict(meta["config"], f"{ck.directory}/{step}/meta")
+    if cfg is not None:
+      diffs = ckpt_lib.model_config_diff(stored.model, cfg.model, ignore=())
+      if diffs:
+        log.warning("exporting with the checkpoint's own model config, which differs from the "
+                    "command line's: %s", "; ".join(diffs))
+    shapes = ck.stored_shapes(step, "params")
+    target = ckpt_lib.nest({p: np.zeros(m.shape, m.dtype) for p, m in shapes.items()})
+    params = ckpt_lib.flatten(ck.restore_item(step, "params", target))
+  finally:
+    ck.close()
+  if dtype:
+    stored.model.param_dtype = dtype
+    want = _export_dtypes(stored.model)
+    params = {p: v.astype(want.get(p, v.dtype)) if np.issubdtype(v.dtype, np.floating) or
+              v.dtype == jnp.bfloat16 else v for p, v in params.items()}
+  tokenizer = meta.get("tokenizer") or None
+  out = write_export(out_dir, params, stored, step=step, tokenizer=tokenizer)
+  log.info("exported step %d of %s to %s", step, workdir, out)
+  return out
+
+
+def export_main(cfg: config_lib.TrainConfig, workdir: str, flags=None) -> str:
+  """`python train.py --mode=export`: export the run in `workdir` per cfg.checkpoint."""
+  del flags
+  c = cfg.checkpoint
+  out = c.export_dir or os.path.join(workdir, "export")
+  path = export_checkpoint(workdir, out, dtype=c.export_dtype,
+                           step=None if c.export_step < 0 else c.export_step, cfg=cfg)
+  if jax.process_index() == 0:
+    manifest = read_manifest(path, verify=False)
+    print(f"exported step {manifest['step']} ({manifest['n_params']:,} parameters, "
+          f"{'/'.join(manifest['param_dtypes'])}) to {path}")
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_manifest(path: str, verify: bool = True) -> dict:
+  """The export's manifest; with `verify`, every file is checked against its sha256."""
+  if not os.path.isdir(path):
+    raise ExportError(f"no exported model at {path!r}: the directory does not exist. Create one "
+                      "with `python train.py --mode=export --workdir=<run>`.")
+  mpath = os.path.join(path, MANIFEST)
+  if not os.path.isfile(mpath):
+    raise ExportError(f"{path!r} is not a complete export: {MANIFEST} is missing (an export "
+                      "interrupted before it finished, or another kind of directory).")
+  try:
+    with open(mpath) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ExportError(f"{mpath} is unreadable or corrupt: {e}") from e
+  if manifest.get("format") != EXPORT_FORMAT or manifest.get("version") != EXPORT_VERSION:
+    raise ExportError(f"{mpath}: format {manifest.get('format')!r} version "
+                      f"{manifest.get('version')!r}; this code reads {EXPORT_FORMAT!r} version "
+                      f"{EXPORT_VERSION}.")
+  if verify:
+    for rel, digest in manifest["files"].items():
+      full = os.path.join(path, rel)
+      if not os.path.isfile(full):
+        raise ExportError(f"export {path!r} is incomplete: {rel} is missing.")
+      if _sha256(full) != digest:
+        raise ExportError(f"export {path!r} is corrupt: {rel} does not match its checksum in "
+                          f"{MANIFEST}. Re-export from the training checkpoint.")
+  return manifest
+
+
+def load_exported(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
+                  from_safetensors: bool = False, verify: bool = True,
+                  dtype: Optional[str] = None) -> Exported:
+  """Load an export into a ready `TransformerLM` (evaluation / generation).
+
+    ex = load_exported("runs/tiny/export")
+    logits = ex.model(tokens_BxT)              # float32 [B, T, V]
+    ex.config.model, ex.step, ex.tokenizer     # what the model is, which step, tokenizer file
+
+  Args:
+    path: an export directory (see the module docstring for its layout).
+    mesh: place the parameters sharded on this mesh (logical-axis rules, as in training);
+      None puts them on the default device.
+    from_safetensors: read model.safetensors instead of the Orbax params (same values).
+    verify: check every file against the manifest's sha256 first (a corrupt or truncated
+      file is an ExportError naming it).
+    dtype: override the model's compute dtype ("float32" | "bfloat16").
+  Raises:
+    ExportError: missing / incomplete / corrupt export, or parameters that do not fit the
+      stored config.
+  """
+  manifest = read_manifest(path, verify=verify)
+  with open(os.path.join(path, "config.json")) as f:
+    cfg = train_config_from_dict(json.load(f), os.path.join(path, "config.json"))
+  if dtype:
+    cfg.model.dtype = dtype
+  abstract = nnx.eval_shape(lambda: TransformerLM(cfg.model, rngs=nnx.Rngs(0)))
+  graphdef, abs_params = nnx.split(abstract, nnx.Param)
+  shardings = sharding.state_shardings(abs_params, mesh) if mesh is not None else None
+  want = ckpt_lib.flatten(abs_params)
+  if from_safetensors:
+    from safetensors.numpy import load_file
+    flat = {tuple(k.split(".")): v for k, v in load_file(os.path.join(path, SAFETENSORS)).items()}
+    _check_tree(path, SAFETENSORS, flat, want)
+    sh = ckpt_lib.flatten(shardings) if shardings is not None else {}
+    flat = {p: jax.device_put(jnp.asarray(v, want[p].dtype), sh.get(p)) for p, v in flat.items()}
+  else:
+    stored = ckpt_lib.tree_metadata(os.path.join(path, "params"))
+    _check_tree(path, "params", stored, want)
+    target = ckpt_lib.abstract_storable(abs_params, shardings)
+    flat = ckpt_lib.flatten(ckpt_lib.restore_tree(os.path.join(path, "params"), target))
+  params = ckpt_lib.fill(abs_params, flat)
+  model = nnx.merge(graphdef, params)
+  tok = os.path.join(os.path.abspath(path), manifest["tokenizer"]) if manifest.get(
+      "tokenizer") else None
+  return Exported(model=model, config=cfg, step=int(manifest["step"]), tokenizer=tok,
+                  manifest=manifest)
+
+
+def _check_tree(path, what, stored, want) -> None:
+  diffs = ckpt_lib.tree_shape_diff(stored, want, "params")
+  if diffs:
+    raise ExportError(f"export {path!r}: {what} does not fit its config.json:\n  " +
+                      "\n  ".join(diffs[:20]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrofit (paper App. I): an MTA model from a baseline's weights, MTA weights at identity
+# ---------------------------------------------------------------------------------------------
+
+
+def _identity_value(name: str, shape: tuple[int, ...], dtype) -> jax.Array:
+  if name in ("kq_pre", "kq_post"):
+    return ops.identity_kq_kernel(*shape, dtype=dtype)
+  if name in ("mix_pre", "mix_post"):
+    groups, c_h, _ = shape
+    return ops.identity_head_mix(groups * c_h, c_h, dtype)
+  if name == "norm_scale":
+    return jnp.ones(shape, dtype)
+  if name in ("gate_w", "gate_b"):
+    return jnp.zeros(shape, dtype)
+  raise KeyError(name)
+
+
+def _source(src: str):
+  """(kind, location, step) for a workdir / checkpoints dir / step dir / export dir."""
+  if not os.path.exists(src):
+    raise ExportError(f"checkpoint.init_from={src!r} does not exist; give a training workdir, "
+                      "one of its checkpoints/<step> directories, or an export directory.")
+  if os.path.isfile(os.path.join(src, MANIFEST)):
+    return "export", src, None
+  if os.path.isdir(os.path.join(src, ckpt_lib.CHECKPOINT_SUBDIR)):
+    return "workdir", src, None
+  base = os.path.basename(os.path.normpath(src))
+  parent = os.path.dirname(os.path.normpath(src))
+  if base == ckpt_lib.CHECKPOINT_SUBDIR:
+    return "workdir", parent, None
+  if base.isdigit() and os.path.basename(parent) == ckpt_lib.CHECKPOINT_SUBDIR:
+    return "workdir", os.path.dirname(parent), int(base)
+  raise ExportError(f"checkpoint.init_from={src!r} is neither an export (no {MANIFEST}) nor a "
+                    f"training workdir (no {ckpt_lib.CHECKPOINT_SUBDIR}/).")
+
+
+def retrofit(source: str, cfg: config_lib.TrainConfig, abstract_params, shardings=None):
+  """Parameters for `cfg.model` initialised from another run's weights (paper App. I).
+
+  Every parameter present in `source` is loaded (shapes must match); MTA parameters that the
+  source lacks (key-query kernels, head-mixing matrices, group-norm scale and gate) start at
+  identity, so with group norm and gate off the new model computes exactly what the source
+  did. Model fields other than `model.attention.*` must match the source.
+
+  Args:
+    source: a training workdir (latest checkpoint), a `checkpoints/<step>` directory, or an
+      export directory.
+    cfg: the new run's config.
+    abstract_params: the new model's params state (ShapeDtypeStruct or array leaves).
+    shardings: matching shardings for the current mesh (None: from the leaves / one device).
+  Returns:
+    `abstract_params` filled with arrays (same structure, e.g. an nnx.State of nnx.Param).
+  """
+  kind, loc, step = _source(source)
+  if kind == "export":
+    read_manifest(loc, verify=True)
+    with open(os.path.join(loc, "config.json")) as f:
+      stored_cfg = train_config_from_dict(json.load(f))
+    stored = ckpt_lib.tree_metadata(os.path.join(loc, "params"))
+  else:
+    ck = ckpt_lib.Checkpointer(loc, cfg, read_only=True)
+    try:
+      step = ck.latest_step() if step is None else step
+      if step is None:
+        raise ExportError(f"checkpoint.init_from={source!r}: no checkpoint in {ck.directory}.")
+      stored_cfg = train_config_from_dict(ck.read_meta(step)["config"])
+      stored = ck.stored_shapes(step, "params")
+    finally:
+      ck.close()
+  ignore = set(ckpt_lib._RESTORE_COMPATIBLE_FIELDS) | {
+      k for k in ckpt_lib.resolved_model_fields(cfg.model) if k.startswith("attention.")}
+  ckpt_lib._raise_incompatible(
+      source, ckpt_lib.model_config_diff(stored_cfg.model, cfg.model, ignore=ignore),
+      "Retrofit keeps every weight of the source model: only model.attention.* may differ.")
+  want = ckpt_lib.flatten(abstract_params)
+  diffs = []
+  for p in sorted(set(want) - set(stored)):
+    if p[-1] not in MTA_PARAM_NAMES:
+      diffs.append(f"params.{ckpt_lib.path_str(p)}: missing in the source and not an MTA "
+                   "parameter")
+  for p in sorted(set(stored) - set(want)):
+    diffs.append(f"params.{ckpt_lib.path_str(p)}: in the source but not in the new model (it "
+                 "would be dropped)")
+  for p in sorted(set(stored) & set(want)):
+    if tuple(stored[p].shape) != tuple(want[p].shape):
+      diffs.append(f"params.{ckpt_lib.path_str(p)}: source shape {tuple(stored[p].shape)}, new "
+                   f"{tuple(want[p].shape)}")
+  ckpt_lib._raise_incompatible(source, diffs, "Retrofit needs a source with the same model "
+                               "except for its attention settings.")
+  shared = {p: want[p] for p in stored}
+  sh_flat = {}
+  if shardings is not None:
+    sh_flat = ckpt_lib.flatten(jax.tree.map(lambda s: s, shardings, is_leaf=lambda s: isinstance(
+        s, (jax.sharding.Sharding, nnx.Variable))))
+  target = ckpt_lib.nest({p: ckpt_lib._abstract_leaf(v, sh_flat.get(p)) for p, v in
+                          shared.items()})
+  if kind == "export":
+    loaded = ckpt_lib.restore_tree(os.path.join(loc, "params"), target)
+  else:
+    ck = ckpt_lib.Checkpointer(loc, cfg, read_only=True)
+    try:
+      loaded = ck.restore_item(step, "params", target)
+    finally:
+      ck.close()
+  flat = ckpt_lib.flatten(loaded)
+  added = []
+  for p in sorted(set(want) - set(stored)):
+    leaf = ckpt_lib._abstract_leaf(want[p], sh_flat.get(p))
+    flat[p] = jax.device_put(_identity_value(p[-1], leaf.shape, leaf.dtype), leaf.sharding)
+    added.append(ckpt_lib.path_str(p))
+  log.warning("retrofit from %s%s: loaded %d parameter arrays, %d MTA parameters start at "
+              "identity (%s%s)", source, f" (step {step})" if step is not None else "",
+              len(stored), len(added), ", ".join(added[:6]), " ..." if len(added) > 6 else "")
+  return ckpt_lib.fill(abstract_params, flat)
