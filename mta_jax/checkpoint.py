@@ -49,6 +49,20 @@ from mta_jax import config as config_lib
 
 log = logging.getLogger(__name__)
 
+
+class _QuietOrbax(logging.Filter):
+  """Orbax logs every save step at INFO through absl; keep its warnings and errors only (and
+  not the notes a deliberate read-only manager produces)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "orbax" not in record.pathname:
+      return True
+    return record.levelno >= logging.WARNING and "read only" not in record.getMessage() and \
+        "read_only=True" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietOrbax())
+
 FORMAT_VERSION = 1
 ITEMS = ("params", "opt_state", "data_iter", "meta")
 CHECKPOINT_SUBDIR = "checkpoints"

@@ -433,7 +433,7 @@ def retrofit(source: str, cfg: config_lib.TrainConfig, abstract_params, sharding
     leaf = ckpt_lib._abstract_leaf(want[p], sh_flat.get(p))
     flat[p] = jax.device_put(_identity_value(p[-1], leaf.shape, leaf.dtype), leaf.sharding)
     added.append(ckpt_lib.path_str(p))
-  log.warning("retrofit from %s%s: loaded %d parameter arrays, %d MTA parameters start at "
+  log.info("retrofit from %s%s: loaded %d parameter arrays, %d MTA parameters start at "
               "identity (%s%s)", source, f" (step {step})" if step is not None else "",
               len(stored), len(added), ", ".join(added[:6]), " ..." if len(added) > 6 else "")
   return ckpt_lib.fill(abstract_params, flat)
