@@ -1,0 +1,240 @@
+"""Turn local .txt / .jsonl files into a TFDS-compatible array_record dataset (no TensorFlow).
+
+  python -m mta_jax.data.prepare --input='corpus/*.txt' --output=DATA_DIR --name=my_corpus \
+      [--txt_doc=line|file] [--text_key=text] [--validation_fraction=0.01]
+
+writes DATA_DIR/my_corpus/1.0.0/ with dataset_info.json, features.json and
+my_corpus-{train,validation}.array_record-* files (one feature, 'text'). The result loads with
+`tfds.builder_from_directory(DATA_DIR/my_corpus/1.0.0)` or
+`tfds.data_source('my_corpus', data_dir=DATA_DIR)`; train on it with `data.source='text'`,
+`data.path=DATA_DIR/my_corpus` (or `data.source='tfds'`, `data.tfds_name='my_corpus'`,
+`data.tfds_data_dir=DATA_DIR`).
+
+Documents: .txt files give one document per non-empty line (`--txt_doc=line`) or one per file
+(`--txt_doc=file`); .jsonl files give one document per line, the string in field `--text_key`.
+Whitespace-only documents are skipped. Documents go to the validation split by a seeded random
+choice of `--validation_fraction` of them (at least one when the fraction is > 0), the rest to
+train; both splits keep the input order (the training pipeline shuffles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import types
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+
+class PrepareError(ValueError):
+  """Bad input to the prepare command; the message names the path or option."""
+
+
+TEXT_SUFFIXES = (".txt", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+  """Files from paths, globs and directories (searched recursively for .txt / .jsonl)."""
+  files = []
+  for pat in patterns:
+    pat = os.path.expanduser(pat)
+    if os.path.isdir(pat):
+      found = sorted(f for f in glob.glob(os.path.join(pat, "**", "*"), recursive=True)
+                     if f.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES) and os.path.isfile(f))
+      if not found:
+        raise PrepareError(f"--input {pat!r} is a directory without .txt / .jsonl files.")
+      files += found
+    elif any(c in pat for c in "*?["):
+      found = sorted(f for f in glob.glob(pat, recursive=True) if os.path.isfile(f))
+      if not found:
+        raise PrepareError(f"--input {pat!r} matches no files.")
+      files += found
+    elif not os.path.isfile(pat):
+      raise PrepareError(f"--input {pat!r}: no such file.")
+    else:
+      files.append(pat)
+  return files
+
+
+def iter_documents(files: Sequence[str], *, txt_doc: str = "line",
+                   text_key: str = "text") -> Iterator[str]:
+  """Non-empty documents of `files`, in order."""
+  for path in files:
+    if os.path.getsize(path) == 0:
+      print(f"  warning: {path} is empty; skipped", file=sys.stderr)
+      continue
+    is_jsonl = path.endswith(JSONL_SUFFIXES)
+    with open(path, encoding="utf-8", errors="strict") as f:
+      try:
+        if not is_jsonl and txt_doc == "file":
+          text = f.read()
+          if text.strip():
+            yield text.strip("\n")
+          continue
+        for lineno, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          if not is_jsonl:
+            yield line.rstrip("\n")
+            continue
+          try:
+            obj = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a "
+                               ".jsonl file must be one JSON object.") from None
+          if not isinstance(obj, dict) or text_key not in obj:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise PrepareError(f"{path}:{lineno}: no field --text_key={text_key!r} (has "
+                               f"{keys}); set --text_key to the field holding the text.")
+          text = obj[text_key]
+          if not isinstance(text, str):
+            raise PrepareError(f"{path}:{lineno}: field {text_key!r} is a "
+                               f"{type(text).__name__}, not a string.")
+          if text.strip():
+            yield text
+      except UnicodeDecodeError as e:
+        raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+
+
+def _progress(docs: Iterator[str], what: str, every: float = 5.0) -> Iterator[str]:
+  t0 = last = time.time()
+  n = 0
+  for n, doc in enumerate(docs, 1):
+    if time.time() - last > every:
+      last = time.time()
+      print(f"  {what}: {n} documents ({n / (last - t0):.0f}/s)", flush=True)
+    yield doc
+  print(f"  {what}: {n} documents in {time.time() - t0:.1f}s", flush=True)
+
+
+def _make_builder_class(name: str):
+  import tensorflow_datasets as tfds
+
+  class TextCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Plain-text documents, one feature 'text'."""
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Prepared by mta_jax.data.prepare."}
+
+    def __init__(self, *, documents, validation: set, description: str, **kwargs):
+      self._documents, self._validation, self._description = documents, validation, description
+      super().__init__(**kwargs)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, description=self._description,
+          features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+          disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+      splits = {"train": self._generate_examples(False)}
+      if self._validation:
+        splits["validation"] = self._generate_examples(True)
+      return splits
+
+    def _generate_examples(self, validation: bool):
+      what = "validation" if validation else "train"
+      for i, doc in enumerate(_progress(self._documents(), f"writing {what}")):
+        if (i in self._validation) == validation:
+          yield i, {"text": doc}
+
+  # The dataset's name (its folder and file prefix) is the builder's class attribute.
+  return types.new_class("TextCorpus_" + name, (TextCorpus,), {"skip_registration": True},
+                         lambda ns: ns.update(name=name))
+
+
+def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "line",
+            text_key: str = "text", validation_fraction: float = 0.01, seed: int = 0,
+            overwrite: bool = False) -> str:
+  """Writes the dataset; returns DATA_DIR/NAME/VERSION. Raises PrepareError on bad input."""
+  if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    raise PrepareError(f"--name={name!r} must be snake_case (lowercase letters, digits, '_'; "
+                       "starting with a letter), as TFDS dataset names are.")
+  if txt_doc not in ("line", "file"):
+    raise PrepareError(f"--txt_doc={txt_doc!r} must be 'line' or 'file'.")
+  if not 0.0 <= validation_fraction < 1.0:
+    raise PrepareError(f"--validation_fraction={validation_fraction} must be in [0, 1).")
+  files = expand_inputs(inputs)
+  print(f"reading {len(files)} file(s)", flush=True)
+  documents = lambda: iter_documents(files, txt_doc=txt_doc, text_key=text_key)  # noqa: E731
+  n = sum(1 for _ in _progress(documents(), "counting"))
+  if n == 0:
+    raise PrepareError(f"--input {list(inputs)} holds no non-empty documents "
+                       f"(files: {files[:5]}{' ...' if len(files) > 5 else ''}).")
+  n_val = 0 if validation_fraction == 0 else max(1, round(validation_fraction * n))
+  if n_val >= n:
+    raise PrepareError(f"only {n} document(s): too few for a validation split of "
+                       f"--validation_fraction={validation_fraction}; add text or set "
+                       "--validation_fraction=0.")
+  rng = np.random.default_rng(seed)
+  validation = set(rng.choice(n, size=n_val, replace=False).tolist()) if n_val else set()
+
+  data_dir = os.path.abspath(os.path.expanduser(output))
+  builder_cls = _make_builder_class(name)
+  version_dir = os.path.join(data_dir, name, str(builder_cls.VERSION))
+  if os.path.exists(version_dir):
+    if not overwrite:
+      raise PrepareError(f"{version_dir} already exists; pass --overwrite to replace it or "
+                         "choose another --name / --output.")
+    shutil.rmtree(version_dir)
+  desc = (f"{n} documents from {len(files)} file(s) (txt_doc={txt_doc}, text_key={text_key}); "
+          f"validation: {n_val} chosen with seed {seed}.")
+  builder = builder_cls(documents=documents, validation=validation, description=desc,
+                        data_dir=data_dir, file_format="array_record")
+  import tensorflow_datasets as tfds
+  with tempfile.TemporaryDirectory() as tmp:  # nothing is downloaded; keep data_dir clean
+    builder.download_and_prepare(
+        download_dir=tmp, download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  # Verify: it must load back without the builder class.
+  loaded = tfds.builder_from_directory(version_dir)
+  got = {k: v.num_examples for k, v in loaded.info.splits.items()}
+  want = {"train": n - n_val, **({"validation": n_val} if n_val else {})}
+  if got != want:
+    raise RuntimeError(f"prepared {version_dir} reads back {got} examples, expected {want}.")
+  return version_dir
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m mta_jax.data.prepare",
+      description="Turn .txt / .jsonl files into a TFDS-compatible array_record dataset with "
+                  "train and validation splits (no TensorFlow needed).")
+  p.add_argument("--input", nargs="+", required=True,
+                 help="files, globs (quote them) or directories of .txt / .jsonl files")
+  p.add_argument("--output", required=True, help="data dir; the dataset goes to OUTPUT/NAME/1.0.0")
+  p.add_argument("--name", required=True, help="dataset name (snake_case), e.g. my_corpus")
+  p.add_argument("--txt_doc", default="line", choices=("line", "file"),
+                 help=".txt files: one document per non-empty line (default) or per file")
+  p.add_argument("--text_key", default="text", help=".jsonl files: the text field")
+  p.add_argument("--validation_fraction", type=float, default=0.01,
+                 help="share of documents for the validation split (default 0.01; 0 = none)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the validation choice")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+  return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    path = prepare(args.input, args.output, args.name, txt_doc=args.txt_doc,
+                   text_key=args.text_key, validation_fraction=args.validation_fraction,
+                   seed=args.seed, overwrite=args.overwrite)
+  except PrepareError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {path}\n  train a tokenizer: python -m mta_jax.data.tokenizer --data={path} "
+        f"--output=<prefix> --vocab_size=8000\n  train: --config.data.source=text "
+        f"--config.data.path={path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
