@@ -127,7 +127,7 @@ class DataConfig:
   path: str = ""                   # source "text": directory written by mta_jax.data.prepare
   add_bos: bool = True             # real text: BOS before each document
   add_eos: bool = True             # real text: EOS after each document
-  pack_bins: int = 0               # first_fit: documents packed per bin group; 0 -> 4 x rows/batch
+  pack_bins: int = 0               # first_fit: rows filled at once; 0 -> rows per process batch
   long_docs: str = "split"         # first_fit: documents longer than seq_len: "split" | "error"
   synthetic_vocab_size: int = 0    # source "synthetic": token range; 0 -> model.vocab_size
 
