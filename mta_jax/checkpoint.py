@@ -541,16 +541,21 @@ class Checkpointer:
     sh_parts = (split_train_state(shardings) if shardings is not None
                 else {"params": None, "opt_state": None})
     targets = {k: abstract_storable(parts[k], sh_parts[k]) for k in ("params", "opt_state")}
-    errors = []
+    errors: list[str] = []
+    bad: list[int] = []
     for step in steps:
       try:
         meta = self.read_meta(step)
+        self.check_compatible(step, meta, targets)
+      except IncompatibleCheckpointError:
+        raise  # another model's checkpoint: refuse, never fall back past it
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
-        errors.append(self._fallback(step, e))
+        errors.append(self._unreadable(step, e))
+        bad.append(step)
         continue
-      self.check_compatible(step, meta, targets)  # incompatible: refuse, never fall back
       same_processes = meta.get("process_count", 1) == jax.process_count()
-      want_iter = data_iter is not None and same_processes
+      has_iter = (self.directory / str(step) / "data_iter").exists()
+      want_iter = data_iter is not None and same_processes and has_iter
       args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
       if want_iter:
         args["data_iter"] = DataIterRestore()
@@ -558,39 +563,40 @@ class Checkpointer:
         restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
         jax.block_until_ready(restored["params"])
       except Exception as e:  # noqa: BLE001
-        if want_iter and _missing_item(e, "data_iter"):
-          raise CheckpointError(f"checkpoint {self.directory / str(step)} has no data-iterator "
-                                "state but a data iterator was passed; pass data_iter=None.")
-        errors.append(self._fallback(step, e))
+        errors.append(self._unreadable(step, e))
+        bad.append(step)
         continue
       meta = dict(meta)
-      meta["data_restarted"] = False
+      meta["data_restarted"] = data_iter is not None and not want_iter
       if want_iter:
         data_iter.set_state(restored["data_iter"])
       elif data_iter is not None:
-        meta["data_restarted"] = True
+        why = (f"was written by {meta.get('process_count')} process(es) and this run has "
+               f"{jax.process_count()}" if not same_processes else "holds no data-iterator state")
         log.warning(
-            "checkpoint step %d was written by %s process(es), this run has %d: the data "
-            "iterator position cannot follow. The data stream restarts from its beginning "
-            "(deterministically, from the configured seed); already-seen examples may repeat.",
-            step, meta.get("process_count"), jax.process_count())
+            "checkpoint step %d %s: the data iterator position cannot follow. The data stream "
+            "restarts from its beginning (deterministically, from the configured seed); "
+            "examples seen before the checkpoint may be seen again.", step, why)
       state = _rebuild(abstract_train_state, {
           "params": fill(parts["params"], flatten(restored["params"])),
           "opt_state": fill(parts["opt_state"], flatten(restored["opt_state"]))})
+      for b in bad:  # newer than `step` and unreadable: move aside so the step can be re-saved
+        self._quarantine(b)
       if errors:
-        log.warning("resumed from step %d after skipping %d unreadable checkpoint(s).", step,
-                    len(errors))
+        log.warning("resumed from step %d after skipping %d unreadable newer checkpoint(s).",
+                    step, len(errors))
       log.info("checkpoint: restored step %d from %s", step, self.directory)
       return state, step, meta
     raise CheckpointError(
         f"no readable checkpoint in {self.directory}:\n  " + "\n  ".join(errors) +
-        "\nMove the directory away to start fresh, or restore a copy.")
+        "\nNothing was moved or deleted. Move the directory away to start fresh, or restore a "
+        "good copy.")
 
-  def _fallback(self, step: int, e: Exception) -> str:
-    msg = f"step {step}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  def _unreadable(self, step: int, e: Exception) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    msg = f"step {step}: {type(e).__name__}: {first[:300]}"
     log.warning("checkpoint %s is unreadable (%s); falling back to the previous checkpoint.",
                 self.directory / str(step), msg)
-    self._quarantine(step)
     return msg
 
   def restore_item(self, step: int, item: str, target) -> Any:
@@ -607,12 +613,6 @@ class Checkpointer:
     target = abstract_storable(abstract_params, shardings)
     r = self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     return fill(abstract_params, flatten(r["params"]))
-
-
-def _missing_item(e: Exception, item: str) -> bool:
-  s = str(e)
-  return item in s and ("not found" in s.lower() or "does not exist" in s.lower()
-                        or "no such" in s.lower())
 
 
 def _rebuild(abstract_train_state, parts: Mapping[str, Any]):

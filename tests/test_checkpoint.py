@@ -240,6 +240,21 @@ def test_no_readable_checkpoint_is_an_error(tmp_path):
   with checkpoint.Checkpointer(tmp_path, cfg) as ck:
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
       ck.restore_latest(abstract, shardings)
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]  # nothing moved: a rerun fails the same
+
+
+def test_checkpoint_without_iterator_state_restarts_the_stream_with_warning(tmp_path, caplog):
+  cfg = cu.tiny_config()
+  mesh = _mesh(8, 1, 1)
+  state, _ = cu.make_state(cfg, mesh)
+  _save_steps(tmp_path, cfg, state, [2], data_iter=None)
+  fresh = _grain_iter()
+  abstract, shardings = cu.abstract_state(cfg, mesh)
+  with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(tmp_path, cfg) as ck:
+    _, step, meta = ck.restore_latest(abstract, shardings, fresh)
+  assert step == 2 and meta["data_restarted"] is True
+  assert "holds no data-iterator state" in caplog.text
+  assert next(fresh) == next(_grain_iter())
 
 
 def test_half_written_tmp_directory_is_ignored(tmp_path, caplog):
