@@ -117,3 +117,43 @@ def test_retrofit_bad_source_is_a_clear_error(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(export.ExportError, match="neither an export"):
     export.retrofit(str(tmp_path / "empty"), cfg, abstract["params"])
+
+
+def test_retrofit_through_train_py(tmp_path):
+  """`--config.checkpoint.init_from=<baseline run>`: the MTA run's first training loss equals
+  that of the baseline model continuing from the same weights on the same first batch."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  common = ["--config.model.d_model=16", "--config.model.n_layers=2", "--config.model.n_heads=2",
+            "--config.data.source=synthetic", "--config.data.seq_len=16",
+            "--config.data.batch_size=4", "--config.data.eval_batch_size=4",
+            "--config.eval_every=0", "--config.eval_steps=1", "--config.log_every=1",
+            "--config.optim.warmup_steps=1"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+
+  def run(workdir, variant, *extra):
+    cmd = [sys.executable, os.path.join(root, "train.py"),
+           f"--config={os.path.join(root, 'configs', 'toy.py')}:{variant}",
+           f"--workdir={workdir}", *common, *extra]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [r["loss"] for r in rows if r["split"] == "train"], p.stdout + p.stderr
+
+  base = str(tmp_path / "baseline")
+  fresh, _ = run(base, "baseline", "--config.steps=3")
+  warm, _ = run(str(tmp_path / "warm"), "baseline", "--config.steps=1",
+                f"--config.checkpoint.init_from={base}")
+  mta, out = run(str(tmp_path / "mta"), "mta", "--config.steps=1",
+                 "--config.model.attention.kq_layers=(1,)",
+                 "--config.model.attention.post_conv=True",
+                 "--config.model.attention.head_mix_pre=True",
+                 "--config.model.attention.head_mix_post=True",
+                 f"--config.checkpoint.init_from={base}")
+  assert f"initialised parameters from {base}" in out
+  assert warm[0] != fresh[0]  # the warm start really starts from the baseline's weights
+  assert mta[0] == warm[0], (mta[0], warm[0])
