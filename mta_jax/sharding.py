@@ -99,7 +99,7 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
 
 def _variable_spec(var, mesh: Mesh | None) -> P:
   names = var.get_metadata().get("logical_axes")
-  shape = var.value.shape
+  shape = var.get_value().shape
   if names is None:
     return P(*([None] * len(shape)))
   return logical_to_spec(names, shape, mesh)

@@ -1,0 +1,143 @@
+"""Where training numbers go: a progress line on stdout, metrics.jsonl, TensorBoard, a PNG.
+
+Only process 0 writes files. Every record is `{"step": int, "split": "train"|"eval", ...}`, one
+JSON object per line in `<workdir>/metrics.jsonl`; the same scalars go to TensorBoard event files
+in `<workdir>/tensorboard` (`tensorboard --logdir <workdir>`), tagged `<split>/<name>`.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+
+
+def _fmt_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+  """Progress lines, JSONL, TensorBoard and the loss curve for one run."""
+
+  def __init__(self, workdir: str, total_steps: int, *, enabled: bool | None = None):
+    self.workdir = workdir
+    self.total_steps = total_steps
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.history: list[dict] = []
+    self._tb = None
+    self._jsonl = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:  # TensorBoard files are a convenience, not a requirement
+        self._tb = None
+
+  def write(self, step: int, split: str, scalars: dict) -> None:
+    record = {"step": int(step), "split": split, "time": time.time()}
+    record.update({k: (float(v) if v is not None else None) for k, v in scalars.items()})
+    self.history.append(record)
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if v is not None and math.isfinite(float(v)):
+          self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+      self._tb.flush()
+
+  def progress(self, step: int, scalars: dict, elapsed: float, steps_done: int) -> str:
+    """`step 200/1500 | loss 1.2345 | 52.1k tok/s | MFU 31.0% | lr 1.0e-03 | ETA 3m10s`."""
+    rate = steps_done / elapsed if elapsed > 0 else float("nan")
+    eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+    parts = [f"step {step}/{self.total_steps}", f"loss {scalars['loss']:.4f}"]
+    tps = scalars.get("tokens_per_s")
+    if tps is not None:
+      parts.append(f"{tps / 1e3:.1f}k tok/s")
+    if scalars.get("mfu") is not None:
+      parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+    if "lr" in scalars:
+      parts.append(f"lr {scalars['lr']:.2e}")
+    if "grad_norm" in scalars:
+      parts.append(f"gnorm {scalars['grad_norm']:.3f}")
+    parts.append(f"ETA {_fmt_duration(eta)}")
+    line = " | ".join(parts)
+    if self.enabled:
+      print(line, flush=True)
+    return line
+
+  def log(self, message: str) -> None:
+    if self.enabled:
+      print(message, flush=True)
+
+  def plot(self, filename: str = "loss_curve.png") -> str | None:
+    """Training loss (and eval loss / error when present) against step, as a PNG."""
+    if not self.enabled:
+      return None
+    train = [r for r in self.history if r["split"] == "train" and r.get("loss") is not None]
+    evals = [r for r in self.history if r["split"] == "eval" and r.get("loss") is not None]
+    if not train and not evals:
+      return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    has_err = any(r.get("seq_error") is not None for r in evals)
+    fig, axes = plt.subplots(1, 2 if has_err else 1, figsize=(11 if has_err else 6, 4),
+                             squeeze=False)
+    ax = axes[0, 0]
+    if train:
+      ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if evals:
+      ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if has_err:
+      ax = axes[0, 1]
+      pts = [r for r in evals if r.get("seq_error") is not None]
+      ax.plot([r["step"] for r in pts], [100 * r["seq_error"] for r in pts], "o-", color="C3")
+      ax.set_xlabel("step")
+      ax.set_ylabel("eval error rate (%)")
+      ax.set_ylim(bottom=0)
+      ax.grid(alpha=0.3)
+    fig.suptitle(os.path.basename(os.path.normpath(self.workdir)))
+    fig.tight_layout()
+    path = os.path.join(self.workdir, filename)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def memory_summary(compiled) -> str:
+  """One line from `compiled.memory_analysis()` (per device), or '' when unavailable."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # some backends do not implement it
+    return ""
+  if m is None:
+    return ""
+  mib = lambda b: f"{b / 2**20:.1f} MiB"
+  fields = [("arguments", "argument_size_in_bytes"), ("outputs", "output_size_in_bytes"),
+            ("temporaries", "temp_size_in_bytes"), ("code", "generated_code_size_in_bytes"),
+            ("aliased", "alias_size_in_bytes")]
+  parts = [f"{label} {mib(getattr(m, attr))}" for label, attr in fields if hasattr(m, attr)]
+  return "compiled memory per device: " + ", ".join(parts)

@@ -1,0 +1,60 @@
+"""The optimizer: optax AdamW with the paper's schedule, weight decay mask and gradient clipping.
+
+    lr(step) = lr * step / warmup                                  step < warmup
+             = lr * (min + (1 - min) * decay(progress))            afterwards
+    decay    = 1 - progress (linear, the paper) | (1 + cos(pi * progress)) / 2 (cosine) | 1
+
+where progress = (step - warmup) / (total - warmup), total = optim.decay_steps or cfg.steps and
+min = optim.min_lr_ratio. Paper (MTA_SPEC Sec. 9): lr 1.5e-4, betas (0.9, 0.98), wd 0.05,
+clip 1.0, warmup 375 then linear decay to 0.
+
+Gradient accumulation and the loss live in `train_lib` (the accumulated gradient is exactly the
+big-batch gradient); this module only turns a gradient into an update.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mta_jax.config import OptimConfig, TrainConfig
+
+
+def schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
+  """Learning rate as a function of the optimizer step (0-based)."""
+  total = o.decay_steps or total_steps
+  warmup = o.warmup_steps
+  if o.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, o.lr, warmup), optax.constant_schedule(o.lr)], [warmup])
+
+  def fn(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = o.lr * step / max(warmup, 1)
+    progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+    if o.schedule == "linear":
+      decay = 1.0 - progress
+    else:  # cosine
+      decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    after = o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay)
+    return jnp.where(step < warmup, warm, after)
+
+  return fn
+
+
+def decay_mask(o: OptimConfig):
+  """Which parameters get weight decay: matrices (ndim >= 2: projections, embeddings, MTA
+  kernels and mixing matrices) and not the norm scales / gates, or all of them."""
+  if o.decay_mask == "all":
+    return None
+  return lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """clip_by_global_norm (if clip_norm > 0) -> AdamW(schedule, decoupled weight decay)."""
+  o = cfg.optim
+  parts = []
+  if o.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(o.clip_norm))
+  parts.append(optax.adamw(schedule(o, cfg.steps), b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay, mask=decay_mask(o)))
+  return optax.chain(*parts)

@@ -1,0 +1,467 @@
+"""Training state, loss, the jitted train / eval steps and the training loop.
+
+The state is a small pytree that orbax saves as it is:
+
+    TrainState(step, params, opt_state)
+      step       int32 []   optimizer updates applied so far
+      params     nnx.State  the model's nnx.Param variables (with `logical_axes` metadata)
+      opt_state  nnx.State  nnx.state(nnx.Optimizer): optax moments shaped like `params` and
+                            carrying the same metadata, plus the optimizer's own step counter
+
+The static halves (`GraphDefs`: the model's and the optimizer's nnx graphdefs) stay out of the
+state. The step is functional: `nnx.merge` the graphdefs with the state inside `jax.jit`, run,
+`nnx.state` the result back out. State is created directly sharded (MaxText style):
+
+    abstract state (jax.eval_shape)  ->  shardings from logical axes  ->  jit(init, out_shardings)
+
+and the train step is `jax.jit(step, in_shardings, out_shardings, donate_argnums=0)`.
+
+Loss: cross entropy summed over positions with loss_mask > 0 (the answer tokens of the toy task)
+divided by their count, + z_loss * mean(log Z ^ 2). With gradient accumulation the micro-batch
+sums are added before dividing, so the gradient equals the big-batch gradient exactly.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mta_jax import config as config_lib
+from mta_jax import flops as flops_lib
+from mta_jax import metrics as metrics_lib
+from mta_jax import optim
+from mta_jax import sharding
+from mta_jax.config import TrainConfig
+from mta_jax.model import TransformerLM
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  opt_state: nnx.State
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphDefs:
+  """The static structure `nnx.merge` needs to rebuild the model and the optimizer."""
+  model: Any
+  optimizer: Any
+
+
+def _build(cfg: TrainConfig, seed) -> tuple[GraphDefs, TrainState]:
+  model = TransformerLM(cfg.model, rngs=nnx.Rngs(jax.random.key(seed)))
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(cfg), wrt=nnx.Param)
+  model_def, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise TypeError("TransformerLM holds non-Param state; TrainState only carries nnx.Param.")
+  opt_def, opt_state = nnx.split(optimizer)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+  return GraphDefs(model_def, opt_def), state
+
+
+def _abstract(cfg: TrainConfig) -> tuple[GraphDefs, TrainState]:
+  box = {}
+
+  def init(seed):
+    box["defs"], state = _build(cfg, seed)
+    return state
+
+  abstract = jax.eval_shape(init, 0)
+  return box["defs"], abstract
+
+
+def train_state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
+  """NamedShardings for a TrainState (a prefix tree: one sharding per nnx Variable)."""
+  return TrainState(step=sharding.replicated(mesh),
+                    params=sharding.state_shardings(abstract.params, mesh),
+                    opt_state=sharding.state_shardings(abstract.opt_state, mesh))
+
+
+def _with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
+  return jax.tree.map(
+      lambda sh, sub: jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), sub),
+      shardings, abstract)
+
+
+def abstract_train_state(cfg: TrainConfig, mesh: Mesh | None = None) -> TrainState:
+  """The TrainState as ShapeDtypeStructs (with their NamedShardings when `mesh` is given).
+
+  Nothing is allocated; this is what a checkpoint restores into.
+  """
+  _, abstract = _abstract(cfg)
+  if mesh is None:
+    return abstract
+  return _with_shardings(abstract, train_state_shardings(abstract, mesh))
+
+
+def init_train_state(cfg: TrainConfig, mesh: Mesh) -> tuple[GraphDefs, TrainState, TrainState]:
+  """(graphdefs, state, shardings): the state is created by a jitted init whose outputs are
+  already sharded, so no parameter is ever materialised whole on one device."""
+  defs, abstract = _abstract(cfg)
+  shardings = train_state_shardings(abstract, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda seed: _build(cfg, seed)[1], out_shardings=shardings)(cfg.seed)
+  return defs, state, shardings
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and steps
+# ---------------------------------------------------------------------------------------------
+
+
+def loss_sums(model: TransformerLM, batch: dict, z_loss: float = 0.0,
+              dropout_rng=None) -> tuple[jax.Array, dict]:
+  """(objective, sums) for one [b, T] batch; everything is a SUM over the batch.
+
+  sums: loss (masked cross entropy), z (masked log Z^2), weight (sum of loss_mask), correct
+  (masked argmax hits), seq_wrong (rows with any wrong masked argmax: the toy task's error),
+  seqs (rows with any masked position).
+  """
+  logits = model(batch["inputs"], batch["segment_ids"], batch["positions"],
+                 dropout_rng=dropout_rng)
+  targets = batch["targets"]
+  w = batch["loss_mask"].astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = log_z - target_logit
+  pred = jnp.argmax(logits, axis=-1)
+  hit = (pred == targets)
+  on = w > 0
+  sums = {
+      "loss": jnp.sum(nll * w),
+      "z": jnp.sum(jnp.square(log_z) * w),
+      "weight": jnp.sum(w),
+      "correct": jnp.sum(hit * w),
+      "seq_wrong": jnp.sum(jnp.any(on & ~hit, axis=1)).astype(jnp.float32),
+      "seqs": jnp.sum(jnp.any(on, axis=1)).astype(jnp.float32),
+  }
+  objective = sums["loss"] + z_loss * sums["z"]
+  return objective, sums
+
+
+def make_train_step(cfg: TrainConfig, defs: GraphDefs) -> Callable:
+  """The pure step(state, batch) -> (state, metrics). batch arrays are [accum, rows, T]."""
+  z_loss = cfg.optim.z_loss
+  use_dropout = cfg.model.attention.dropout > 0
+  lr_fn = optim.schedule(cfg.optim, cfg.steps)
+  base_key = jax.random.key(cfg.seed + 1)
+
+  def objective(params, micro, rng):
+    model = nnx.merge(defs.model, params)
+    return loss_sums(model, micro, z_loss, rng)
+
+  grad_fn = jax.grad(objective, has_aux=True)
+
+  def step(state: TrainState, batch: dict):
+    step_key = jax.random.fold_in(base_key, state.step) if use_dropout else None
+    n_micro = batch["inputs"].shape[0]
+
+    def micro_grads(i, micro):
+      rng = None if step_key is None else jax.random.fold_in(step_key, i)
+      return grad_fn(state.params, micro, rng)
+
+    if n_micro == 1:
+      grads, sums = micro_grads(0, jax.tree.map(lambda x: x[0], batch))
+    else:
+      def body(carry, xs):
+        i, micro = xs
+        g, s = micro_grads(i, micro)
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+      zeros = jax.eval_shape(micro_grads, 0, jax.tree.map(lambda x: x[0], batch))
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros)
+      (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(n_micro), batch))
+
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    grad_norm = optax.tree.norm(grads)
+    model = nnx.merge(defs.model, state.params)
+    optimizer = nnx.merge(defs.optimizer, state.opt_state)
+    optimizer.update(model, grads)
+    new_state = TrainState(step=state.step + 1, params=nnx.state(model, nnx.Param),
+                           opt_state=nnx.state(optimizer))
+    metrics = {
+        "loss": sums["loss"] / weight,
+        "z_loss": sums["z"] / weight,
+        "token_acc": sums["correct"] / weight,
+        "seq_error": sums["seq_wrong"] / jnp.maximum(sums["seqs"], 1.0),
+        "grad_norm": grad_norm,
+        "lr": lr_fn(state.step),
+        "loss_tokens": sums["weight"],
+    }
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(cfg: TrainConfig, defs: GraphDefs) -> Callable:
+  """The pure eval_step(params, batch) -> sums (see `loss_sums`), batch arrays [rows, T]."""
+
+  def step(params, batch):
+    model = nnx.merge(defs.model, params)
+    return loss_sums(model, batch, cfg.optim.z_loss)[1]
+
+  return step
+
+
+def batch_shardings(mesh: Mesh, accum: bool) -> NamedSharding:
+  """Rows over every data-parallel axis; a leading micro-batch axis (accum=True) is not split."""
+  spec = sharding.logical_to_spec(("act_batch", "act_length"), None, mesh)
+  return NamedSharding(mesh, P(None, *spec) if accum else spec)
+
+
+def jit_train_step(cfg: TrainConfig, defs: GraphDefs, shardings: TrainState, mesh: Mesh):
+  return jax.jit(make_train_step(cfg, defs),
+                 in_shardings=(shardings, batch_shardings(mesh, accum=True)),
+                 out_shardings=(shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def jit_eval_step(cfg: TrainConfig, defs: GraphDefs, shardings: TrainState, mesh: Mesh):
+  return jax.jit(make_eval_step(cfg, defs),
+                 in_shardings=(shardings.params, batch_shardings(mesh, accum=False)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: batches, evaluation, the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _data():
+  from mta_jax import data  # the data engineer's package: iterators, vocab, toy task
+  return data
+
+
+def to_global(local: dict, sharding_: NamedSharding) -> dict:
+  """Per-process numpy rows -> global jax.Arrays (rows concatenated over processes)."""
+  out = {}
+  for k in BATCH_KEYS:
+    x = np.asarray(local[k])
+    out[k] = jax.make_array_from_process_local_data(sharding_, x)
+  return out
+
+
+def next_train_batch(it: Iterator, accum: int, sharding_: NamedSharding) -> dict:
+  """`accum` batches from the iterator stacked to [accum, rows, T], as global arrays."""
+  micro = [next(it) for _ in range(accum)]
+  local = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}
+  return to_global(local, sharding_)
+
+
+def evaluate(cfg: TrainConfig, eval_step: Callable, params, mesh: Mesh) -> dict:
+  """Loss, token accuracy and sequence error over the eval split (or cfg.eval_steps batches)."""
+  totals: dict[str, float] = {}
+  batch_sh = batch_shardings(mesh, accum=False)
+  for i, local in enumerate(_data().make_eval_batches(cfg)):
+    if cfg.eval_steps and i >= cfg.eval_steps:
+      break
+    sums = jax.device_get(eval_step(params, to_global(local, batch_sh)))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  if not totals:
+    return {}
+  weight = max(totals["weight"], 1.0)
+  return {"loss": totals["loss"] / weight, "token_acc": totals["correct"] / weight,
+          "seq_error": totals["seq_wrong"] / max(totals["seqs"], 1.0), "seqs": totals["seqs"]}
+
+
+class _NoCheckpoints:
+  """Stands in for the Checkpointer when mta_jax.checkpoint is not installed: saves nothing."""
+
+  def restore_latest(self, *args, **kwargs):
+    return None
+
+  def maybe_save(self, *args, **kwargs):
+    pass
+
+  def save(self, *args, **kwargs):
+    pass
+
+  def should_stop(self, step):
+    return False
+
+  def close(self):
+    pass
+
+
+def _checkpointer(workdir: str, cfg: TrainConfig):
+  """The checkpoint engineer's `mta_jax.checkpoint.Checkpointer` (the only orbax user)."""
+  try:
+    from mta_jax import checkpoint
+  except ModuleNotFoundError as e:
+    if e.name != "mta_jax.checkpoint":
+      raise
+    print("warning: mta_jax.checkpoint is missing; this run saves no checkpoints.", flush=True)
+    return _NoCheckpoints()
+  return checkpoint.Checkpointer(workdir, cfg)
+
+
+def write_config(cfg: TrainConfig, workdir: str) -> str:
+  path = os.path.join(workdir, "config.json")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(config_lib.to_dict(cfg), f, indent=2, sort_keys=True)
+  return path
+
+
+def setup(cfg: TrainConfig) -> Mesh:
+  """Validates the config against the devices and processes, then builds the mesh."""
+  config_lib.validate(cfg, jax.device_count(), jax.process_count())
+  data = _data()
+  if hasattr(data, "check_vocab"):
+    data.check_vocab(cfg)
+  return sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
+
+
+def _check_finite(step: int, loss: float, cfg: TrainConfig) -> None:
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(
+        f"training loss is {loss} at step {step}; halting. Try a lower optim.lr "
+        f"(now {cfg.optim.lr}), a longer optim.warmup_steps, optim.clip_norm > 0, "
+        "model.dtype=float32, or optim.z_loss=1e-4.")
+
+
+def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
+  """Trains `cfg.steps` optimizer steps (resuming from `workdir` if it holds a checkpoint),
+  evaluates every `eval_every` steps and at the end. Returns the final eval metrics."""
+  mesh = setup(cfg)
+  write_config(cfg, workdir)
+  writer = metrics_lib.MetricsWriter(workdir, cfg.steps)
+  n_dev = jax.device_count()
+  writer.log(f"devices: {n_dev} x {jax.devices()[0].device_kind}, processes: "
+             f"{jax.process_count()}, mesh: {dict(mesh.shape)}")
+  from mta_jax.model import count_params
+  writer.log(f"model: {count_params(cfg.model):,} parameters")
+
+  defs, abstract = _abstract(cfg)
+  shardings = train_state_shardings(abstract, mesh)
+  data = _data()
+  data_iter = data.make_train_iterator(cfg)
+  ckpt = _checkpointer(workdir, cfg)
+  with jax.set_mesh(mesh):
+    restored = ckpt.restore_latest(_with_shardings(abstract, shardings), shardings, data_iter)
+    meta: dict = {}
+    if restored is None:
+      state = jax.jit(lambda seed: _build(cfg, seed)[1], out_shardings=shardings)(cfg.seed)
+      start = 0
+      if cfg.checkpoint.init_from:  # warm start / MTA retrofit (paper App. I), see export.py
+        from mta_jax import export
+        state = state.replace(params=export.retrofit(cfg.checkpoint.init_from, cfg,
+                                                     state.params, shardings.params))
+        writer.log(f"initialised parameters from {cfg.checkpoint.init_from}")
+    else:
+      state, start, meta = restored
+      meta = dict(meta or {})
+      writer.log(f"resumed from step {start} in {workdir}")
+    train_step = jit_train_step(cfg, defs, shardings, mesh)
+    eval_step = jit_eval_step(cfg, defs, shardings, mesh)
+    batch_sh = batch_shardings(mesh, accum=True)
+    accum = cfg.optim.grad_accum
+
+    t0 = time.time()
+    batch = next_train_batch(data_iter, accum, batch_sh)
+    compiled = train_step.lower(state, batch).compile()
+    writer.log(f"train step compiled in {time.time() - t0:.1f}s")
+    mem = metrics_lib.memory_summary(compiled)
+    if mem:
+      writer.log(mem)
+
+    step_flops = flops_lib.train_flops_per_step(cfg)
+    peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.peak_tflops)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accum
+    tokens_seen = int(meta.get("tokens_seen", start * tokens_per_step))
+    window: dict[str, float] = {}
+    window_steps, window_t0, run_t0, run_steps = 0, time.time(), time.time(), 0
+    final_eval: dict = {}
+    step = start
+    while step < cfg.steps:
+      state, m = compiled(state, batch)
+      m = jax.device_get(m)  # waits for this step: the loss is checked before anything else
+      step += 1
+      run_steps += 1
+      window_steps += 1
+      tokens_seen += tokens_per_step
+      _check_finite(step, float(m["loss"]), cfg)
+      for k, v in m.items():
+        window[k] = window.get(k, 0.0) + float(v)
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        dt = time.time() - window_t0
+        scalars = {k: v / window_steps for k, v in window.items() if k != "loss_tokens"}
+        scalars["lr"] = float(m["lr"])
+        scalars["tokens_per_s"] = tokens_per_step * window_steps / dt
+        scalars["steps_per_s"] = window_steps / dt
+        scalars["mfu"] = (step_flops * window_steps / dt / (n_dev * peak)) if peak else None
+        scalars["tokens_seen"] = tokens_seen
+        writer.write(step, "train", scalars)
+        writer.progress(step, scalars, time.time() - run_t0, run_steps)
+        window, window_steps, window_t0 = {}, 0, time.time()
+      if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+        final_eval = evaluate(cfg, eval_step, state.params, mesh)
+        if final_eval:
+          writer.write(step, "eval", final_eval)
+          writer.log(f"eval @ step {step}: loss {final_eval['loss']:.4f} | token acc "
+                     f"{100 * final_eval['token_acc']:.2f}% | sequence error "
+                     f"{100 * final_eval['seq_error']:.2f}% ({int(final_eval['seqs'])} seqs)")
+      meta = {"tokens_seen": tokens_seen}
+      if step < cfg.steps:
+        ckpt.maybe_save(step, state, data_iter, meta)
+        if ckpt.should_stop(step):
+          writer.log(f"stop requested: saving step {step} and exiting")
+          ckpt.save(step, state, data_iter, meta, force=True)
+          break
+        batch = next_train_batch(data_iter, accum, batch_sh)
+    else:
+      if step > start or restored is None:
+        ckpt.save(step, state, data_iter, meta, force=True)
+    ckpt.close()
+  png = writer.plot()
+  if png:
+    writer.log(f"loss curve: {png}")
+  if final_eval:
+    writer.log(f"final sequence error rate: {100 * final_eval['seq_error']:.2f}% "
+               f"(loss {final_eval['loss']:.4f}, {int(final_eval['seqs'])} held-out sequences)")
+  writer.close()
+  return final_eval
+
+
+def evaluate_main(cfg: TrainConfig, workdir: str) -> dict:
+  """Restores the latest checkpoint in `workdir` and evaluates it."""
+  mesh = setup(cfg)
+  defs, abstract = _abstract(cfg)
+  shardings = train_state_shardings(abstract, mesh)
+  ckpt = _checkpointer(workdir, cfg)
+  with jax.set_mesh(mesh):
+    restored = ckpt.restore_latest(_with_shardings(abstract, shardings), shardings, None)
+    if restored is None:
+      ckpt.close()
+      raise FileNotFoundError(f"no checkpoint in {workdir}; train first (--mode=train).")
+    state, step, _ = restored
+    result = evaluate(cfg, jit_eval_step(cfg, defs, shardings, mesh), state.params, mesh)
+  ckpt.close()
+  if jax.process_index() == 0:
+    print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+  return result
