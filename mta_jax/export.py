@@ -186,6 +186,9 @@ def export_checkpoint(workdir: str, out_dir: str, *, dtype: str = "", step: Opti
   `param_dtype=bfloat16` model keeps in bf16 (the MTA kernels stay float32).
   """
   config_lib._choice("checkpoint.export_dtype", dtype, ("", "float32", "bfloat16"))
+  if jax.process_count() > 1:
+    raise ExportError("export gathers every parameter on one host: run --mode=export as a "
+                      "single process (any device count; the checkpoint is resharded).")
   if not ckpt_lib.checkpoint_dir(workdir).exists():
     raise ExportError(f"no checkpoints in {workdir} (expected {ckpt_lib.checkpoint_dir(workdir)}"
                       "); train first, or pass the run's --workdir.")

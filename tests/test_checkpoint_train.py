@@ -139,8 +139,11 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, uninterr
   names = os.listdir(os.path.join(workdir, "checkpoints"))
   steps = sorted(int(n) for n in names if n.isdigit())
   assert steps and steps[-1] <= killed_at
+  half_written = [n for n in names if "tmp" in n]  # a save the kill interrupted, if any
   out = _run(cmd)  # the same command resumes
   assert f"resumed from step {steps[-1]}" in out.stdout + out.stderr
+  if half_written:
+    assert "ignoring incomplete checkpoint" in out.stderr
   _assert_same_run(workdir, uninterrupted)
   assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
 
