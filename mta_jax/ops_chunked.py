@@ -1,0 +1,322 @@
+"""Memory-efficient exact Multi-Token Attention: query blocks, causal key skipping, remat.
+
+`multi_token_attention(..., implementation="chunked")` computes exactly what the "xla"
+reference in `ops.py` computes (MTA_SPEC Sec. 1-4, 7), without ever holding a [T, T] tensor:
+
+  * Queries are processed in blocks of `block` rows. A block also recomputes the rows its
+    convolutions read from above it ("halo"): c_q - 1 logit rows for the pre-softmax conv and
+    c_q' - 1 weight rows for the post-softmax conv, so halo = (c_q - 1) + (c_q' - 1).
+  * A block only looks at keys [0, block_end): every later key is in the future of every row of
+    the block, so its logit is masked (to 0 before the pre conv, to -inf before softmax) and
+    contributes nothing; the conv's zero padding on the right is then exact. Work is therefore
+    ~ T^2 / 2 plus one diagonal block, not T^2.
+  * Every block body runs under `jax.checkpoint`: the backward pass recomputes the block's
+    logits instead of storing them, so live memory is O(block x T), linear in T.
+
+The key-query convolution is a shift-and-add (c_q * c_k fused multiply-adds over shifted views
+of the block's logits) with a hand-written VJP; the kernel gradient is one variadic reduction
+(all c_q * c_k sums in a single pass). On CPU this is ~10x faster than
+`conv_general_dilated` and than autodiff of the shift-and-add (whose kernel gradient becomes
+c_q * c_k separate passes over the slab). Head mixing is a plain 2-D matmul per (batch, group).
+Measurements of the alternatives (including the algebraic "wider attention" rewrite) are in
+docs/BENCHMARKS.md.
+
+Registered names:
+  "chunked"          block = 256 (the measured optimum on CPU for T = 1k-8k)
+  "chunked_convxla"  the same blocking, but the conv is `conv_general_dilated` (for comparison;
+                     this is what a backend with a fast depthwise conv would pick)
+Use `make_chunked(block=..., conv=...)` for other settings.
+
+Dropout (training only) is supported: an independent Bernoulli(1 - rate) keep-mask per weight,
+drawn per block from `fold_in(dropout_rng, block_index)` (the same distribution as the
+reference, not the same random numbers).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mta_jax import ops
+
+Array = jax.Array
+
+DEFAULT_BLOCK = 256
+DEFAULT_BANDS = 8
+_NEG = -1e30  # finite "-inf": masked logits; exp underflows to exactly 0 for every valid row
+
+
+# ---------------------------------------------------------------------------------------------
+# Key-query convolution on a block of rows: shift-and-add with a hand-written VJP.
+# ---------------------------------------------------------------------------------------------
+
+
+def _shift_conv_fwd_impl(x, kernel, rmask):
+  """out[b,h,i,j] = sum_{a,c} kernel[h,a,c] * m[b,s_a,i] * x[b,h,i+a,j+c-half].
+
+  x: [B, H, R + c_q - 1, C] (the first c_q - 1 rows are the halo), kernel: [H, c_q, c_k],
+  rmask: None or [B, c_q, R] row masks indexed by s = c_q - 1 - a (ops.row_masks layout).
+  Returns [B, H, R, C]. Columns outside [0, C) read zero.
+  """
+  _, _, rows_in, cols = x.shape
+  _, c_q, c_k = kernel.shape
+  half = (c_k - 1) // 2
+  rows = rows_in - (c_q - 1)
+  xp = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (half, half))) if half else x
+  out = None
+  for a in range(c_q):
+    term = None
+    for c in range(c_k):
+      t = kernel[None, :, a, c, None, None] * xp[:, :, a:a + rows, c:c + cols]
+      term = t if term is None else term + t
+    if rmask is not None:
+      term = term * rmask[:, None, c_q - 1 - a, :, None]
+    out = term if out is None else out + term
+  return out
+
+
+@jax.custom_vjp
+def shift_conv(x: Array, kernel: Array, rmask: Array | None) -> Array:
+  """Depthwise key-query conv of a row block (see `_shift_conv_fwd_impl`), fast VJP."""
+  return _shift_conv_fwd_impl(x, kernel, rmask)
+
+
+def _shift_conv_fwd(x, kernel, rmask):
+  return _shift_conv_fwd_impl(x, kernel, rmask), (x, kernel, rmask)
+
+
+def _shift_conv_bwd(res, g):
+  x, kernel, rmask = res
+  batch, heads, rows_in, cols = x.shape
+  _, c_q, c_k = kernel.shape
+  half = (c_k - 1) // 2
+  rows = rows_in - (c_q - 1)
+  # Cotangent of row i for tap row a, masked: gm_a[i, j] = g[i, j] * m[s_a, i].
+  if rmask is None:
+    gms = [g] * c_q
+  else:
+    gms = [g * rmask[:, None, c_q - 1 - a, :, None] for a in range(c_q)]
+
+  # dx[r, j] = sum_{a,c} w[a,c] gm_a[r - a, j - (c - half)]: the transposed shift-and-add.
+  dx = None
+  if rmask is None:
+    gp = jnp.pad(g, ((0, 0), (0, 0), (c_q - 1, c_q - 1), (half, half)))
+  for a in range(c_q):
+    if rmask is not None:
+      gp_a = jnp.pad(gms[a], ((0, 0), (0, 0), (a, c_q - 1 - a), (half, half)))
+      r0 = 0
+    else:
+      gp_a, r0 = gp, c_q - 1 - a
+    for c in range(c_k):
+      t = kernel[None, :, a, c, None, None] * gp_a[:, :, r0:r0 + rows_in,
+                                                    2 * half - c:2 * half - c + cols]
+      dx = t if dx is None else dx + t
+
+  # dw[h, a, c] = sum_{b,i,j} gm_a[i, j] x[i + a, j + c - half]: per tap row a, ONE variadic
+  # reduction computes all c_k sums in a single pass over the slab, keeping (heads, rows) and
+  # summing (batch, columns); rows are summed afterwards. (c_q * c_k separate reductions are
+  # ~20x slower on CPU; a single 66-operand reduction ~1.5x slower than c_q of c_k operands.)
+  xp = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (half, half))) if half else x
+  sums = []
+  for a in range(c_q):
+    prods = tuple(gms[a] * xp[:, :, a:a + rows, c:c + cols] for c in range(c_k))
+    zeros = tuple(jnp.zeros((), g.dtype) for _ in prods)
+    sums += jax.lax.reduce(prods, zeros,
+                           lambda xs, ys: tuple(u + w for u, w in zip(xs, ys)), (0, 3))
+  dw = jnp.stack(sums, axis=-1).sum(axis=1).reshape(heads, c_q, c_k)
+  del batch
+  drmask = None if rmask is None else jnp.zeros_like(rmask)
+  return dx, dw.astype(kernel.dtype), drmask
+
+
+shift_conv.defvjp(_shift_conv_fwd, _shift_conv_bwd)
+
+
+def xla_conv(x: Array, kernel: Array, rmask: Array | None) -> Array:
+  """The same block conv with `conv_general_dilated` (ops.kq_conv_reference's primitive)."""
+  heads = x.shape[1]
+  _, c_q, c_k = kernel.shape
+  half = (c_k - 1) // 2
+  rows = x.shape[2] - (c_q - 1)
+  conv = functools.partial(
+      jax.lax.conv_general_dilated, window_strides=(1, 1),
+      dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=heads,
+      precision=jax.lax.Precision.HIGHEST)
+  rhs = kernel.astype(x.dtype)[:, None]
+  if rmask is None:
+    return conv(x, rhs, padding=((0, 0), (half, half)))
+  out = None
+  for a in range(c_q):
+    term = conv(x[:, :, a:a + rows], rhs[:, :, a:a + 1], padding=((0, 0), (half, half)))
+    term = term * rmask[:, None, c_q - 1 - a, :, None]
+    out = term if out is None else out + term
+  return out
+
+
+_CONVS = {"shift": shift_conv, "xla": xla_conv}
+
+
+def head_mix_2d(x_BxHxRxC: Array, w_GxCxC: Array) -> Array:
+  """ops.head_mix as one [c_h, c_h] x [c_h, R*C] matmul per (batch, group).
+
+  Same arithmetic as ops.head_mix; written so XLA emits a plain GEMM with the long axis
+  minor (the 5-D einsum of ops.head_mix transposes the slab on CPU, ~3x slower).
+  """
+  b, h, r, c = x_BxHxRxC.shape
+  groups, c_h, _ = w_GxCxC.shape
+  x = x_BxHxRxC.reshape(b, groups, c_h, r * c)
+  w = jnp.broadcast_to(w_GxCxC.astype(x.dtype), (b, groups, c_h, c_h))
+  y = jax.lax.dot_general(w, x, (((3,), (2,)), ((0, 1), (0, 1))),
+                          precision=jax.lax.Precision.HIGHEST)
+  return y.reshape(b, h, r, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# One query block.
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_mask(row0, rows: int, cols: int, seg_rows, seg_cols):
+  """[B or 1, 1, rows, cols] bool: absolute row row0 + t may attend column j (causal, same doc).
+
+  Rows with a negative index (above the sequence) attend nothing.
+  """
+  r = row0 + jnp.arange(rows)[:, None]
+  j = jnp.arange(cols)[None, :]
+  mask = ((j <= r) & (r >= 0))[None, None]
+  if seg_rows is not None:
+    mask = mask & (seg_rows[:, None, :, None] == seg_cols[:, None, None, :])
+  return mask
+
+
+def _mta_block(q_blk, k_blk, v_blk, seg_rows, seg_cols, rm_pre, rm_post, kq_pre, kq_post,
+               mix_pre, mix_post, rng, *, row0, halo_pre, halo_post, conv, dropout_rate,
+               out_dtype):
+  """MTA_SPEC Sec. 4 for query rows [row0 + halo, row0 + rows) against keys [0, cols).
+
+  q_blk: [B, H, rows, D] (first halo_pre + halo_post rows are the halo), k_blk/v_blk:
+  [B, H, cols, D], seg_rows: [B, rows] or None, seg_cols: [B, cols] or None.
+  Returns [B, H, rows - halo, D] in out_dtype (accumulated in float32).
+  """
+  f32 = jnp.float32
+  rows, cols = q_blk.shape[2], k_blk.shape[2]
+  head_dim = q_blk.shape[-1]
+  seg = lambda lo: None if seg_rows is None else seg_rows[:, lo:]
+
+  s = jnp.einsum("bhqd,bhkd->bhqk", q_blk, k_blk, preferred_element_type=f32,
+                 precision=jax.lax.Precision.HIGHEST)
+  s = s / math.sqrt(head_dim)
+  if kq_pre is not None or mix_pre is not None:
+    s = jnp.where(_block_mask(row0, rows, cols, seg(0), seg_cols), s, 0.0)  # Mask_0
+  if kq_pre is not None:
+    s = conv(s, kq_pre.astype(f32), rm_pre)  # rows [row0 + halo_pre, row0 + rows)
+  if mix_pre is not None:
+    s = head_mix_2d(s, mix_pre.astype(f32))
+
+  lo = halo_pre
+  mask = _block_mask(row0 + lo, rows - lo, cols, seg(lo), seg_cols)
+  p = jax.nn.softmax(jnp.where(mask, s, _NEG), axis=-1)
+  p = jnp.where(mask, p, 0.0)  # exact zeros (also for rows above the sequence)
+
+  if kq_post is not None:
+    p = conv(p, kq_post.astype(f32), rm_post)
+    lo += halo_post
+    mask = _block_mask(row0 + lo, rows - lo, cols, seg(lo), seg_cols)
+  if kq_post is not None or mix_post is not None:
+    p = jnp.where(mask, p, 0.0)  # Mask_0
+  if mix_post is not None:
+    p = head_mix_2d(p, mix_post.astype(f32))
+  if dropout_rate > 0.0:
+    keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, p.shape)
+    p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=f32,
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.astype(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The implementation.
+# ---------------------------------------------------------------------------------------------
+
+
+def _mta_chunked(q, k, v, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+                 segment_ids, dropout_rate, dropout_rng, block=DEFAULT_BLOCK, conv="shift",
+                 bands=DEFAULT_BANDS):
+  batch, length, heads, _ = q.shape
+  conv_fn = _CONVS[conv]
+  c_q = kq_kernel_pre.shape[1] if kq_kernel_pre is not None else 1
+  c_qp = kq_kernel_post.shape[1] if kq_kernel_post is not None else 1
+  halo_pre, halo_post = c_q - 1, c_qp - 1
+  halo = halo_pre + halo_post
+  block = max(1, min(block, length))
+  n_blocks = -(-length // block)
+  padded = n_blocks * block
+
+  # [B, H, T, D], queries padded with `halo` zero rows in front (rows above the sequence) and
+  # everything padded at the end to a whole number of blocks.
+  to_bhtd = lambda x: jnp.swapaxes(x, 1, 2)
+  qt = jnp.pad(to_bhtd(q), ((0, 0), (0, 0), (halo, padded - length), (0, 0)))
+  kt = jnp.pad(to_bhtd(k), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
+  vt = jnp.pad(to_bhtd(v), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
+
+  seg_q = seg_k = rm_pre_all = rm_post_all = None
+  if segment_ids is not None:
+    seg_k = jnp.pad(segment_ids, ((0, 0), (0, padded - length)), mode="edge")
+    seg_q = jnp.pad(seg_k, ((0, 0), (halo, 0)), mode="edge")  # front rows are masked anyway
+    pad_rm = lambda m: None if m is None else jnp.pad(
+        m, ((0, 0), (0, 0), (halo, padded - length)))
+    if kq_kernel_pre is not None:
+      rm_pre_all = pad_rm(ops.row_masks(segment_ids, c_q))
+    if kq_kernel_post is not None:
+      rm_post_all = pad_rm(ops.row_masks(segment_ids, c_qp))
+
+  block_fn = jax.checkpoint(functools.partial(
+      _mta_block, halo_pre=halo_pre, halo_post=halo_post, conv=conv_fn,
+      dropout_rate=dropout_rate, out_dtype=jnp.float32), prevent_cse=False)
+  dyn = lambda x, start, size, axis: (
+      None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis))
+
+  # Blocks are grouped into at most `bands` bands; a band is one lax.scan over its blocks, all
+  # against the keys up to the band's end (so one compiled body per band: compile time and
+  # code size stay bounded while at most one band's worth of future keys is computed).
+  per_band = -(-n_blocks // max(1, bands))
+  outs = []
+  for b0 in range(0, n_blocks, per_band):
+    b1 = min(n_blocks, b0 + per_band)
+    cols = b1 * block               # keys [0, cols): later keys are in every row's future
+    k_band, v_band = kt[:, :, :cols], vt[:, :, :cols]
+    seg_cols = None if seg_k is None else seg_k[:, :cols]
+
+    def step(carry, n, cols=cols, k_band=k_band, v_band=v_band, seg_cols=seg_cols):
+      start = n * block             # first output row; padded-q rows [start, start + rows)
+      rows = block + halo
+      rng = None if dropout_rate <= 0.0 else jax.random.fold_in(dropout_rng, n)
+      out = block_fn(
+          dyn(qt, start, rows, 2), k_band, v_band, dyn(seg_q, start, rows, 1), seg_cols,
+          # Row masks of the conv OUTPUT rows (padded index = absolute + halo).
+          dyn(rm_pre_all, start + halo_pre, rows - halo_pre, 2),
+          dyn(rm_post_all, start + halo, block, 2),
+          kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, rng,
+          row0=start - halo)
+      return carry, out
+
+    _, out = jax.lax.scan(step, None, jnp.arange(b0, b1))  # [n, B, H, block, D]
+    outs.append(jnp.moveaxis(out, 0, 2).reshape(batch, heads, (b1 - b0) * block, -1))
+  out = jnp.concatenate(outs, axis=2)[:, :, :length]
+  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def make_chunked(block: int = DEFAULT_BLOCK, conv: str = "shift", bands: int = DEFAULT_BANDS):
+  """An exact MTA implementation with query blocks of `block` rows and conv "shift" | "xla"."""
+  if conv not in _CONVS:
+    raise ValueError(f"conv must be one of {tuple(_CONVS)}; got {conv!r}.")
+  if block < 1:
+    raise ValueError(f"block must be >= 1; got {block}.")
+  return functools.partial(_mta_chunked, block=block, conv=conv, bands=bands)
+
+
+ops.register_implementation("chunked", make_chunked())
+ops.register_implementation("chunked_convxla", make_chunked(conv="xla"))
