@@ -136,7 +136,7 @@ def train(source, output_prefix: str, *, vocab_size: int = 8000, model_type: str
       pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
       input_sentence_size=max_sentences, shuffle_input_sentence=True,
       seed_sentencepiece_size=seed_sentencepiece_size, max_sentence_length=1 << 16,
-      train_extremely_large_corpus=False, minloglevel=2 if quiet else 0,
+      minloglevel=2 if quiet else 0,
       num_threads=max(1, os.cpu_count() or 1))
   return output_prefix + ".model"
 
