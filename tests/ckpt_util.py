@@ -43,7 +43,7 @@ def make_state(cfg: config_lib.TrainConfig, mesh, seed: int = 0):
   abstract, shardings = abstract_state(cfg, mesh)
   with jax.set_mesh(mesh):
     model, opt = _build(cfg.model, seed)
-    state = {"params": nnx.state(model, nnx.Param), "opt_state": nnx.state(opt, "opt_state"),
+    state = {"params": nnx.state(model, nnx.Param), "opt_state": nnx.state(opt),
              "step": jnp.zeros((), jnp.int32)}
     state = jax.device_put(state, shardings)
   return state, shardings
@@ -52,7 +52,7 @@ def make_state(cfg: config_lib.TrainConfig, mesh, seed: int = 0):
 def abstract_state(cfg: config_lib.TrainConfig, mesh):
   with jax.set_mesh(mesh):
     model, opt = nnx.eval_shape(lambda: _build(cfg.model, 0))
-  abstract = {"params": nnx.state(model, nnx.Param), "opt_state": nnx.state(opt, "opt_state"),
+  abstract = {"params": nnx.state(model, nnx.Param), "opt_state": nnx.state(opt),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
   shardings = {"params": sharding.state_shardings(abstract["params"], mesh),
                "opt_state": sharding.state_shardings(abstract["opt_state"], mesh),
