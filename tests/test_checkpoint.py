@@ -48,6 +48,9 @@ def test_round_trip_is_bitwise_and_meta_is_complete(tmp_path):
   restored, step, meta = ck.restore_latest(abstract, shardings)
   ck.close()
   assert step == 4
+  # Adam count, mu, nu and the optimizer step all come back
+  assert len(jax.tree.leaves(restored["opt_state"])) == 2 * len(
+      jax.tree.leaves(restored["params"])) + 2
   _assert_equal(restored, final)
   assert meta["tokens_seen"] == 400 and meta["step"] == 4
   assert meta["config"]["model"]["attention"]["pre_conv"] is True
