@@ -30,6 +30,7 @@ Typical use in a training loop:
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
 import json
@@ -390,6 +391,8 @@ class Checkpointer:
                        "meta": ocp.JsonCheckpointHandler()})
     self._stop_requested = False
     self._stop_at: int | None = None
+    self._closed = False
+    atexit.register(self._finish_at_exit)  # an exception in the loop still completes saves
     self._prev_handler = None
     if (install_signal_handler and not read_only and jax.process_count() == 1
         and threading.current_thread() is threading.main_thread()):
@@ -472,7 +475,16 @@ class Checkpointer:
   def wait(self) -> None:
     self._mngr.wait_until_finished()
 
+  def _finish_at_exit(self) -> None:
+    if not self._closed:
+      self.close()
+
   def close(self) -> None:
+    """Wait for in-flight async saves, then release the manager (idempotent)."""
+    if self._closed:
+      return
+    self._closed = True
+    atexit.unregister(self._finish_at_exit)
     self._mngr.wait_until_finished()
     self._mngr.close()
     if self._prev_handler is not None:
