@@ -128,3 +128,24 @@ def test_export_refuses_to_overwrite_a_non_export(tmp_path):
   out = export.export_checkpoint(str(workdir), str(tmp_path / "exp"))
   assert export.export_checkpoint(str(workdir), out, step=3) == out  # re-export replaces
   assert export.read_manifest(out)["step"] == 3
+
+
+def test_export_through_train_py(tmp_path):
+  import subprocess
+  import sys
+  _, workdir, state = _trained_run(tmp_path)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out_dir = tmp_path / "exported"
+  cmd = [sys.executable, os.path.join(root, "train.py"), "--mode=export", f"--workdir={workdir}",
+         f"--config.checkpoint.export_dir={out_dir}", "--config.checkpoint.export_dtype=bfloat16"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "exported step 6" in p.stdout and str(out_dir) in p.stdout
+  ex = export.load_exported(str(out_dir))
+  assert ex.step == 6 and ex.config.model.param_dtype == "bfloat16"
+  np.testing.assert_array_equal(
+      np.asarray(ex.model.embed.embedding[...], np.float32),
+      np.asarray(jnp.asarray(state["params"]["embed"]["embedding"][...]).astype(jnp.bfloat16),
+                 np.float32))
