@@ -164,3 +164,22 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, uninterrupte
   _assert_same_run(workdir, uninterrupted)
   logged = [s for s, _ in _all_train_losses(workdir)]
   assert logged == list(range(1, STEPS + 1)), "a step was repeated or skipped after SIGTERM"
+
+
+@pytest.mark.slow
+def test_resume_on_another_device_count(tmp_path, uninterrupted, monkeypatch):
+  """Stopped on 2 devices, resumed on 1: the state is resharded and training continues on the
+  same trajectory (not bitwise: the gradient reduction order changes with the device count)."""
+  workdir = str(tmp_path / "run")
+  cmd = _cmd(workdir, every_steps=1000)
+  proc = _start_and_wait(cmd, workdir, 20)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0, out[-3000:]
+  monkeypatch.setattr(sys.modules[__name__], "DEVICES", 1)
+  out = _run(cmd)
+  assert "resumed from step" in out.stdout
+  want, got = _train_losses(uninterrupted), _train_losses(workdir)
+  assert sorted(got) == sorted(want)
+  np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)],
+                             rtol=1e-5)
