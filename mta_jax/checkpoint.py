@@ -373,7 +373,8 @@ class Checkpointer:
     policies = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
     if self.ccfg.every_steps > 0:
       policies.insert(0, ocp.checkpoint_managers.FixedIntervalPolicy(self.ccfg.every_steps))
-    keep = [ocp.checkpoint_managers.LatestN(max(1, self.ccfg.keep_last))]
+    # keep_last=0 keeps every checkpoint; keep_every=m also keeps steps divisible by m.
+    keep = [ocp.checkpoint_managers.LatestN(self.ccfg.keep_last or None)]
     if self.ccfg.keep_every > 0:
       keep.append(ocp.checkpoint_managers.EveryNSteps(self.ccfg.keep_every))
     options = ocp.CheckpointManagerOptions(

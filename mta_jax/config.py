@@ -160,7 +160,7 @@ class MeshConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
   every_steps: int = 1000          # 0 disables periodic saves
-  keep_last: int = 3
+  keep_last: int = 3               # latest checkpoints kept; 0 = keep all
   keep_every: int = 0              # additionally keep every m-th step forever; 0 = none
   async_save: bool = True
   # Start a fresh workdir from another run's weights (ignored once the workdir has a checkpoint):

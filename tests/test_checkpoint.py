@@ -76,6 +76,14 @@ def test_retention_keeps_latest_k_plus_every_mth(tmp_path):
   assert kept == [4, 8, 9, 10]
 
 
+def test_keep_last_zero_keeps_everything(tmp_path):
+  cfg = cu.with_checkpoint(cu.tiny_config(), every_steps=1, keep_last=0)
+  state, _ = cu.make_state(cfg, _mesh(8, 1, 1))
+  _save_steps(tmp_path, cfg, state, range(1, 6))
+  kept = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+  assert kept == [1, 2, 3, 4, 5]
+
+
 def test_interval_policy_skips_off_interval_steps(tmp_path):
   cfg = cu.with_checkpoint(cu.tiny_config(), every_steps=3, keep_last=10)
   state, _ = cu.make_state(cfg, _mesh(8, 1, 1))
