@@ -1,0 +1,7 @@
+"""The paper's 1B model, talking_heads family (MTA_SPEC Sec. 9); training setup in configs/paper.py."""
+
+from configs import paper
+
+
+def get_config(arg=None):
+  return paper.get("1b", "talking_heads", arg)

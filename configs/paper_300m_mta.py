@@ -1,0 +1,7 @@
+"""The paper's 300M model, mta family (MTA_SPEC Sec. 9); training setup in configs/paper.py."""
+
+from configs import paper
+
+
+def get_config(arg=None):
+  return paper.get("300m", "mta", arg)
