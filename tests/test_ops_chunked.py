@@ -81,7 +81,8 @@ FWD_TOL, GRAD_TOL = 5e-6, 1e-5
 CASES = [
     # (b, t, pre (c_q, c_k), post, c_h, mix, block, bands)
     (2, 23, (6, 11), (6, 11), H, "both", 5, 2),    # paper default, full head mixing
-    (1, 19, (6, 11), (6, 11), 2, "both", 4, 8),    # one block per band
+    pytest.param((1, 19, (6, 11), (6, 11), 2, "both", 4, 8),  # one block per band
+                 marks=pytest.mark.slow),
     (2, 17, (2, 3), None, 1, "pre", 6, 2),
     (1, 21, None, (2, 3), 2, "post", 5, 3),
     (2, 13, (1, 11), (6, 1), None, None, 3, 2),
@@ -94,7 +95,8 @@ CASES = [
 
 @pytest.mark.parametrize("segments", [False, True], ids=["one-doc", "packed"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"t{c[1]}-pre{c[2]}-post{c[3]}-ch{c[4]}"
-                         f"{c[5]}-blk{c[6]}x{c[7]}".replace(" ", ""))
+                         f"{c[5]}-blk{c[6]}x{c[7]}".replace(" ", "") if isinstance(c, tuple)
+                         else None)
 def test_chunked_matches_xla_forward_and_gradients(case, segments):
   b, t, pre, post, c_h, mix, block, bands = case
   (q, k, v), weights, rng = _inputs(hash((case, segments)) % 2**32, b, t, pre, post, c_h or 1,
@@ -124,7 +126,7 @@ def test_xla_conv_variant_matches_reference_gradients():
   """The conv_general_dilated block conv (used on backends where it is fast) is exact too."""
   name = "chunked_convxla_test"
   ops.register_implementation(name, ops_chunked.make_chunked(block=4, bands=2, conv="xla"))
-  (q, k, v), weights, rng = _inputs(3, 2, 14, (3, 5), (2, 3), H, "both")
+  (q, k, v), weights, rng = _inputs(3, 2, 14, (3, 5), (2, 3), H, "post")
   seg = _segments(rng, 2, 14)
   cot = rng.normal(size=q.shape).astype(np.float32)
   out_ref, g_ref = _fwd_and_grads("xla", seg, (q, k, v, *weights), cot)
@@ -148,7 +150,7 @@ def test_shift_conv_vjp_matches_autodiff_with_row_masks():
 
 
 def test_dropout_is_deterministic_per_key_and_unbiased():
-  (q, k, v), (kp, kpo, mp, mpo), _ = _inputs(5, 1, 8, (2, 3), (2, 3), 2, "both")
+  (q, k, v), (kp, kpo, mp, mpo), _ = _inputs(5, 1, 8, None, (2, 3), 2, "post")
   name = _register(3, 2)
 
   def f(rng, rate):
@@ -160,12 +162,10 @@ def test_dropout_is_deterministic_per_key_and_unbiased():
   np.testing.assert_array_equal(f(key, 0.3), f(key, 0.3))
   assert not np.allclose(f(key, 0.3), f(jax.random.PRNGKey(1), 0.3))
   # E[dropout(A) v] = A v: the mean over many keys converges to the deterministic output.
-  keys = jax.random.split(key, 4000)
-  mean = jax.jit(jax.vmap(lambda r: f(r, 0.3)))(keys).mean(0)
+  samples = np.asarray(jax.jit(jax.vmap(lambda r: f(r, 0.3)))(jax.random.split(key, 2000)))
   exact = np.asarray(f(None, 0.0))
-  samples = np.asarray(jax.jit(jax.vmap(lambda r: f(r, 0.3)))(keys[:400]))
-  stderr = samples.std(0) / np.sqrt(len(keys)) + 1e-6
-  assert np.all(np.abs(np.asarray(mean) - exact) < 6 * stderr)
+  stderr = samples.std(0) / np.sqrt(len(samples)) + 1e-6
+  assert np.all(np.abs(samples.mean(0) - exact) < 6 * stderr)
 
 
 def test_temp_memory_grows_linearly_in_length():
@@ -180,6 +180,6 @@ def test_temp_memory_grows_linearly_in_length():
     return compiled.memory_analysis().temp_size_in_bytes
 
   name = _register(64, 4)
-  small, large = temp(name, 512), temp(name, 2048)
+  small, large = temp(name, 256), temp(name, 1024)
   assert large / small < 5.0, (small, large)           # linear: ~4x for 4x T (quadratic: 16x)
-  assert temp("xla", 2048) > 4 * large
+  assert temp("xla", 1024) > 4 * large
