@@ -142,6 +142,9 @@ def main(argv):
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
+  except FloatingPointError as e:  # train_lib.NonFiniteLossError: NaN / inf loss
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 def _parse_flags(argv):

@@ -307,6 +307,16 @@ class _NoCheckpoints:
     pass
 
 
+def eval_summary(cfg: TrainConfig, r: dict) -> str:
+  """`loss 0.1234 | token acc 97.50% | sequence error 2.10% (1000 seqs)` (toy task) or
+  `loss 3.2100 | ppl 24.78 | token acc 41.20%` (language modelling)."""
+  if cfg.data.source == "toy":
+    return (f"loss {r['loss']:.4f} | token acc {100 * r['token_acc']:.2f}% | sequence error "
+            f"{100 * r['seq_error']:.2f}% ({int(r['seqs'])} seqs)")
+  return (f"loss {r['loss']:.4f} | ppl {math.exp(min(r['loss'], 50.0)):.2f} | token acc "
+          f"{100 * r['token_acc']:.2f}%")
+
+
 def _checkpointer(workdir: str, cfg: TrainConfig):
   """The checkpoint engineer's `mta_jax.checkpoint.Checkpointer` (the only orbax user)."""
   try:
@@ -420,12 +430,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
         writer.progress(step, scalars, time.time() - run_t0, run_steps)
         window, window_steps, window_t0 = {}, 0, time.time()
       if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+        t_eval = time.time()
         final_eval = evaluate(cfg, eval_step, state.params, mesh)
+        window_t0 += time.time() - t_eval  # tokens/s counts training time only
         if final_eval:
           writer.write(step, "eval", final_eval)
-          writer.log(f"eval @ step {step}: loss {final_eval['loss']:.4f} | token acc "
-                     f"{100 * final_eval['token_acc']:.2f}% | sequence error "
-                     f"{100 * final_eval['seq_error']:.2f}% ({int(final_eval['seqs'])} seqs)")
+          writer.log(f"eval @ step {step}: {eval_summary(cfg, final_eval)}")
       meta = {"tokens_seen": tokens_seen}
       if step < cfg.steps:
         ckpt.maybe_save(step, state, data_iter, meta)
@@ -437,13 +447,18 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
     else:
       if step > start or restored is None:
         ckpt.save(step, state, data_iter, meta, force=True)
+      else:  # the workdir already holds the finished run
+        writer.log(f"{workdir} already holds step {start} >= steps={cfg.steps}; evaluating only")
+        final_eval = evaluate(cfg, eval_step, state.params, mesh)
     ckpt.close()
   png = writer.plot()
   if png:
     writer.log(f"loss curve: {png}")
-  if final_eval:
+  if final_eval and cfg.data.source == "toy":
     writer.log(f"final sequence error rate: {100 * final_eval['seq_error']:.2f}% "
                f"(loss {final_eval['loss']:.4f}, {int(final_eval['seqs'])} held-out sequences)")
+  elif final_eval:
+    writer.log(f"final eval: {eval_summary(cfg, final_eval)}")
   writer.close()
   return final_eval
 
@@ -463,5 +478,6 @@ def evaluate_main(cfg: TrainConfig, workdir: str) -> dict:
     result = evaluate(cfg, jit_eval_step(cfg, defs, shardings, mesh), state.params, mesh)
   ckpt.close()
   if jax.process_index() == 0:
-    print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    print(f"eval @ step {step}: {eval_summary(cfg, result)}")
+    print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.6f}" for k, v in result.items()))
   return result
