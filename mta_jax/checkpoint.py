@@ -78,8 +78,9 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be used; the message names the path and what to do."""
 
 
-class IncompatibleCheckpointError(ValueError):
-  """The checkpoint was written for a different model; the message lists the differences."""
+class IncompatibleCheckpointError(config_lib.ConfigError):
+  """The checkpoint was written for a different model; the message lists the differences.
+  (A ConfigError: the entry point reports it as one line and exits with status 2.)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +279,18 @@ def resolved_model_fields(m: config_lib.ModelConfig) -> dict[str, Any]:
   out["attention.kq_layers"] = list(m.kq_layer_indices())
   for k in ("attention.kq_every", "attention.kq_offset"):  # folded into kq_layers
     out.pop(k)
+  a = m.attention
+  unused = []  # sizes of features that are off do not matter
+  if not a.pre_conv:
+    unused += ["attention.c_q", "attention.c_k"]
+  if not a.post_conv:
+    unused += ["attention.post_c_q", "attention.post_c_k"]
+  if not (a.head_mix_pre or a.head_mix_post):
+    unused += ["attention.c_h"]
+  if not a.group_norm:
+    unused += ["attention.norm_scaling"]
+  for k in unused:
+    out.pop(k)
   return out
 
 
@@ -287,12 +300,9 @@ def model_config_diff(stored: config_lib.ModelConfig, current: config_lib.ModelC
   a, b = resolved_model_fields(stored), resolved_model_fields(current)
   ignore = set(ignore)
   diffs = []
-  for k in sorted(set(a) | set(b)):
-    if k in ignore:
-      continue
-    if a.get(k, "<absent>") != b.get(k, "<absent>"):
-      diffs.append(f"model.{k}: checkpoint {a.get(k, '<absent>')!r}, current "
-                   f"{b.get(k, '<absent>')!r}")
+  for k in sorted(set(a) & set(b)):  # a size only one side uses shows up as its feature flag
+    if k not in ignore and a[k] != b[k]:
+      diffs.append(f"model.{k}: checkpoint {a[k]!r}, current {b[k]!r}")
   return diffs
 
 

@@ -183,3 +183,16 @@ def test_resume_on_another_device_count(tmp_path, uninterrupted, monkeypatch):
   assert sorted(got) == sorted(want)
   np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)],
                              rtol=1e-5)
+
+
+def test_resume_with_another_model_is_refused_naming_the_field(tmp_path, uninterrupted):
+  import shutil
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(uninterrupted, workdir)
+  cmd = _cmd(workdir, extra=["--config.model.attention.pre_conv=False"])
+  p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+  assert p.returncode == 2, p.stderr[-3000:]
+  assert "model.attention.pre_conv: checkpoint True, current False" in p.stderr
+  assert "Traceback" not in p.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == sorted(
+      os.listdir(os.path.join(uninterrupted, "checkpoints")))
