@@ -130,7 +130,7 @@ def main() -> None:
     base = next((b for b in results if b["t"] == r["t"] and b["impl"] == "softmax"
                  and "error" not in b), None)
     if "error" in r:
-      rows.append([r["t"], r["impl"], "-", "-", "-", "-", "-", f"{r['gflop']:.0f}", "-",
+      rows.append([r["t"], r["impl"], "-", "-", "-", "-", f"{r['gflop']:.0f}", "-", "-",
                    r["error"][:40]])
       continue
     ratio = lambda key: f"{r[key] / base[key]:.2f}" if base else "-"
