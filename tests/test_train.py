@@ -156,3 +156,18 @@ def test_eval_step_matches_train_metrics_on_same_batch():
     _, m = train_lib.jit_train_step(cfg, defs, shardings, mesh)(
         state, {k: v[None] for k, v in b.items()})
   np.testing.assert_allclose(sums["loss"] / sums["weight"], m["loss"], rtol=1e-6)
+
+
+def test_flops_count_attention_and_mta_terms():
+  from mta_jax import flops
+  cfg = tiny_config()  # D 32, 4 heads of 8, F 256, V 32, 2 layers; convs (2x3) on layer 1
+  m, t = cfg.model, cfg.data.seq_len
+  terms = flops.forward_flops_per_token(m, t)
+  assert terms["dense"] == 2 * (2 * (4 * 32 * 4 * 8 + 3 * 32 * 256) + 32 * 32)
+  assert terms["attention"] == 2 * 4 * t * 4 * 8
+  assert terms["mta_conv"] == 2 * t * 4 * (2 * 3) * 2  # pre + post, one layer
+  assert terms["head_mix"] == 2 * 2 * (2 * t * 4 * 2)  # 2 layers x (pre + post), c_h = 2
+  assert flops.train_flops_per_step(cfg) == 3 * B * t * sum(terms.values())
+  assert flops.peak_flops_per_device("TPU v5 lite") == 197e12
+  assert flops.peak_flops_per_device("cpu") is None
+  assert flops.peak_flops_per_device("cpu", override_tflops=1.5) == 1.5e12
