@@ -53,11 +53,18 @@ def main() -> None:
   k = jax.random.normal(keys[4], (1, heads, c, d))
   q_wide = jax.random.normal(keys[3], (1, heads, r, c_q * d))
   k_wide = jax.random.normal(keys[4], (1, heads, c, c_q * d))
-  sl = x[:, :, c_q - 1:]
+  sl = x[:, :, c_q - 1:]  # a [1, 16, rows, keys] slab for head mixing
 
   def fb(f, *xs):
-    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * sl), argnums=tuple(
-        range(len(xs)))))
+    # Output materialised and a random cotangent pulled back: a scalar loss like sum(f * c)
+    # would let XLA fuse the whole conv into a (slow, unvectorised) reduction loop.
+    ct = jax.random.normal(keys[5], jax.eval_shape(f, *xs).shape)
+
+    @jax.jit
+    def step(*a):
+      out, vjp = jax.vjp(f, *a)
+      return out, vjp(ct)
+    return step
 
   cands = {
       "conv: conv_general_dilated": (lambda x, w: ops_chunked.xla_conv(x, w, None), (x, w)),
