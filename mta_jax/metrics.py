@@ -141,3 +141,43 @@ def memory_summary(compiled) -> str:
             ("aliased", "alias_size_in_bytes")]
   parts = [f"{label} {mib(getattr(m, attr))}" for label, attr in fields if hasattr(m, attr)]
   return "compiled memory per device: " + ", ".join(parts)
+
+
+def compare(workdirs: list[str], out: str, labels: list[str] | None = None) -> str:
+  """One figure of several runs: training loss and eval error rate against step.
+
+      python -m mta_jax.metrics runs/toy_mta_n5_first runs/toy_baseline_n5_first --out cmp.png
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  labels = labels or [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
+  for i, (w, label) in enumerate(zip(workdirs, labels)):
+    with open(os.path.join(w, "metrics.jsonl")) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval" and r.get("seq_error") is not None]
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color=f"C{i}",
+                 label=label)
+    ax_err.plot([r["step"] for r in evals], [100 * r["seq_error"] for r in evals], "o-",
+                color=f"C{i}", label=label)
+  ax_loss.set(xlabel="step", ylabel="training loss (answer tokens)", yscale="log")
+  ax_err.set(xlabel="step", ylabel="held-out error rate (%)", ylim=(0, 100))
+  for ax in (ax_loss, ax_err):
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
+if __name__ == "__main__":
+  import argparse
+  parser = argparse.ArgumentParser(description="Plot runs side by side.")
+  parser.add_argument("workdirs", nargs="+")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--labels", nargs="*")
+  args = parser.parse_args()
+  print(compare(args.workdirs, args.out, args.labels))
