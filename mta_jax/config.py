@@ -43,7 +43,7 @@ class AttentionConfig:
   init: str = "identity"
   init_const: float = 0.1
   dropout: float = 0.0             # attention-weight dropout, training only
-  implementation: str = "xla"      # see mta_jax.ops.implementations()
+  implementation: str = "chunked"  # "chunked" (exact, O(block x T) memory) | "xla" (reference)
 
   @property
   def uses_mta_op(self) -> bool:
