@@ -12,7 +12,7 @@ Model (paper): 4 layers, 2 heads, D 256; MTA = key-query conv with c_q=2, c_k=2N
 only, on every layer, no head mixing, no group norm; batch 64, 100k steps (the learning rate is
 not given; the _paper variants use 1e-4).
 
-The reduced scale (REDUCED below, the default; about 10 minutes on a 2-core CPU) keeps the task
+The reduced scale (REDUCED below, the default; about 6 minutes on a 2-core CPU) keeps the task
 and the MTA settings and shrinks the number of blocks, the width and the number of steps.
 README.md lists it with the error rates measured at it. The MTA configs use the exact "chunked"
 implementation of the MTA op (the same numbers as the reference, faster on CPU).

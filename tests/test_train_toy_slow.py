@@ -1,4 +1,4 @@
-"""The default run's claim, end to end (slow: ~10 minutes each on a 2-core CPU):
+"""The default run's claim, end to end (slow: ~6 minutes each on an idle 2-core CPU):
 `python train.py` (MTA) drives the toy task's error near 0, the Transformer baseline at the same
 reduced scale stays clearly higher. Run with `python -m pytest -q -m slow`."""
 
