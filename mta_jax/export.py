@@ -401,18 +401,9 @@ def retrofit(source: str, cfg: config_lib.TrainConfig, abstract_params, sharding
       source, ckpt_lib.model_config_diff(stored_cfg.model, cfg.model, ignore=ignore),
       "Retrofit keeps every weight of the source model: only model.attention.* may differ.")
   want = ckpt_lib.flatten(abstract_params)
-  diffs = []
-  for p in sorted(set(want) - set(stored)):
-    if p[-1] not in MTA_PARAM_NAMES:
-      diffs.append(f"params.{ckpt_lib.path_str(p)}: missing in the source and not an MTA "
-                   "parameter")
-  for p in sorted(set(stored) - set(want)):
-    diffs.append(f"params.{ckpt_lib.path_str(p)}: in the source but not in the new model (it "
-                 "would be dropped)")
-  for p in sorted(set(stored) & set(want)):
-    if tuple(stored[p].shape) != tuple(want[p].shape):
-      diffs.append(f"params.{ckpt_lib.path_str(p)}: source shape {tuple(stored[p].shape)}, new "
-                   f"{tuple(want[p].shape)}")
+  # MTA weights the source lacks are initialised to identity below; every other leaf must match.
+  must_match = {p: v for p, v in want.items() if p in stored or p[-1] not in MTA_PARAM_NAMES}
+  diffs = ckpt_lib.tree_shape_diff(stored, must_match, "params")
   ckpt_lib._raise_incompatible(source, diffs, "Retrofit needs a source with the same model "
                                "except for its attention settings.")
   shared = {p: want[p] for p in stored}

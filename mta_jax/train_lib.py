@@ -36,7 +36,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mta_jax import checkpoint
 from mta_jax import config as config_lib
+from mta_jax import data as data_lib
 from mta_jax import flops as flops_lib
 from mta_jax import metrics as metrics_lib
 from mta_jax import optim
@@ -250,11 +252,6 @@ def jit_eval_step(cfg: TrainConfig, defs: GraphDefs, shardings: TrainState, mesh
 # ---------------------------------------------------------------------------------------------
 
 
-def _data():
-  from mta_jax import data  # the data engineer's package: iterators, vocab, toy task
-  return data
-
-
 def to_global(local: dict, sharding_: NamedSharding) -> dict:
   """Per-process numpy rows -> global jax.Arrays (rows concatenated over processes)."""
   out = {}
@@ -275,7 +272,7 @@ def evaluate(cfg: TrainConfig, eval_step: Callable, params, mesh: Mesh) -> dict:
   """Loss, token accuracy and sequence error over the eval split (or cfg.eval_steps batches)."""
   totals: dict[str, float] = {}
   batch_sh = batch_shardings(mesh, accum=False)
-  for i, local in enumerate(_data().make_eval_batches(cfg)):
+  for i, local in enumerate(data_lib.make_eval_batches(cfg)):
     if cfg.eval_steps and i >= cfg.eval_steps:
       break
     sums = jax.device_get(eval_step(params, to_global(local, batch_sh)))
@@ -288,25 +285,6 @@ def evaluate(cfg: TrainConfig, eval_step: Callable, params, mesh: Mesh) -> dict:
           "seq_error": totals["seq_wrong"] / max(totals["seqs"], 1.0), "seqs": totals["seqs"]}
 
 
-class _NoCheckpoints:
-  """Stands in for the Checkpointer when mta_jax.checkpoint is not installed: saves nothing."""
-
-  def restore_latest(self, *args, **kwargs):
-    return None
-
-  def maybe_save(self, *args, **kwargs):
-    pass
-
-  def save(self, *args, **kwargs):
-    pass
-
-  def should_stop(self, step):
-    return False
-
-  def close(self):
-    pass
-
-
 def eval_summary(cfg: TrainConfig, r: dict) -> str:
   """`loss 0.1234 | token acc 97.50% | sequence error 2.10% (1000 seqs)` (toy task) or
   `loss 3.2100 | ppl 24.78 | token acc 41.20%` (language modelling)."""
@@ -315,18 +293,6 @@ def eval_summary(cfg: TrainConfig, r: dict) -> str:
             f"{100 * r['seq_error']:.2f}% ({int(r['seqs'])} seqs)")
   return (f"loss {r['loss']:.4f} | ppl {math.exp(min(r['loss'], 50.0)):.2f} | token acc "
           f"{100 * r['token_acc']:.2f}%")
-
-
-def _checkpointer(workdir: str, cfg: TrainConfig):
-  """The checkpoint engineer's `mta_jax.checkpoint.Checkpointer` (the only orbax user)."""
-  try:
-    from mta_jax import checkpoint
-  except ModuleNotFoundError as e:
-    if e.name != "mta_jax.checkpoint":
-      raise
-    print("warning: mta_jax.checkpoint is missing; this run saves no checkpoints.", flush=True)
-    return _NoCheckpoints()
-  return checkpoint.Checkpointer(workdir, cfg)
 
 
 def write_config(cfg: TrainConfig, workdir: str) -> str:
@@ -341,9 +307,7 @@ def write_config(cfg: TrainConfig, workdir: str) -> str:
 def setup(cfg: TrainConfig) -> Mesh:
   """Validates the config against the devices and processes, then builds the mesh."""
   config_lib.validate(cfg, jax.device_count(), jax.process_count())
-  data = _data()
-  if hasattr(data, "check_vocab"):
-    data.check_vocab(cfg)
+  data_lib.check_vocab(cfg)
   return sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
 
 
@@ -359,7 +323,6 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
   """Trains `cfg.steps` optimizer steps (resuming from `workdir` if it holds a checkpoint),
   evaluates every `eval_every` steps and at the end. Returns the final eval metrics."""
   mesh = setup(cfg)
-  write_config(cfg, workdir)
   writer = metrics_lib.MetricsWriter(workdir, cfg.steps)
   n_dev = jax.device_count()
   writer.log(f"devices: {n_dev} x {jax.devices()[0].device_kind}, processes: "
@@ -369,9 +332,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
 
   defs, abstract = _abstract(cfg)
   shardings = train_state_shardings(abstract, mesh)
-  data = _data()
-  data_iter = data.make_train_iterator(cfg)
-  ckpt = _checkpointer(workdir, cfg)
+  data_iter = data_lib.make_train_iterator(cfg)
+  ckpt = checkpoint.Checkpointer(workdir, cfg)
   with jax.set_mesh(mesh):
     restored = ckpt.restore_latest(_with_shardings(abstract, shardings), shardings, data_iter)
     meta: dict = {}
@@ -387,6 +349,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
       state, start, meta = restored
       meta = dict(meta or {})
       writer.log(f"resumed from step {start} in {workdir}")
+    # Written only now: a resume refused as incompatible must not overwrite the run's config.
+    write_config(cfg, workdir)
     train_step = jit_train_step(cfg, defs, shardings, mesh)
     eval_step = jit_eval_step(cfg, defs, shardings, mesh)
     batch_sh = batch_shardings(mesh, accum=True)
@@ -454,6 +418,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
   png = writer.plot()
   if png:
     writer.log(f"loss curve: {png}")
+  for png in save_pictures(cfg, defs, state, workdir):
+    writer.log(f"picture: {png}")
   if final_eval and cfg.data.source == "toy":
     writer.log(f"final sequence error rate: {100 * final_eval['seq_error']:.2f}% "
                f"(loss {final_eval['loss']:.4f}, {int(final_eval['seqs'])} held-out sequences)")
@@ -463,12 +429,40 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
   return final_eval
 
 
+def save_pictures(cfg: TrainConfig, defs: GraphDefs, state: TrainState, workdir: str,
+                  max_seq_len: int = 1024) -> list[str]:
+  """PNGs of the learned key-query kernels and of every layer's attention on the first eval
+  sequence. Single-process runs only (it gathers the parameters), and only for rows of at most
+  `max_seq_len` tokens (the maps are [layers, heads, T, T])."""
+  if jax.process_count() > 1 or jax.process_index() != 0:
+    return []
+  from mta_jax import viz
+  model = nnx.merge(defs.model, jax.device_get(state.params))
+  out = []
+  kernels = viz.plot_kernels(model, os.path.join(workdir, "kernels.png"))
+  if kernels:
+    out.append(kernels)
+  if cfg.data.seq_len <= max_seq_len:
+    batch = next(iter(data_lib.make_eval_batches(cfg)), None)
+    if batch is not None:
+      n = int(np.sum(batch["segment_ids"][0] > 0)) or cfg.data.seq_len
+      tokens = jnp.asarray(batch["inputs"][:1, :n])
+      labels = None
+      if cfg.data.source == "toy":
+        from mta_jax.data import toy
+        labels = [toy.decode([t]) or "_" for t in np.asarray(tokens[0])]
+      maps = model.attention_maps(tokens, positions=jnp.asarray(batch["positions"][:1, :n]))
+      out.append(viz.plot_attention_maps(maps, os.path.join(workdir, "attention.png"),
+                                         labels=labels))
+  return out
+
+
 def evaluate_main(cfg: TrainConfig, workdir: str) -> dict:
   """Restores the latest checkpoint in `workdir` and evaluates it."""
   mesh = setup(cfg)
   defs, abstract = _abstract(cfg)
   shardings = train_state_shardings(abstract, mesh)
-  ckpt = _checkpointer(workdir, cfg)
+  ckpt = checkpoint.Checkpointer(workdir, cfg, read_only=True)
   with jax.set_mesh(mesh):
     restored = ckpt.restore_latest(_with_shardings(abstract, shardings), shardings, None)
     if restored is None:

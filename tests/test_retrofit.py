@@ -104,7 +104,7 @@ def test_retrofit_refuses_to_drop_weights(tmp_path):
   base = cu.baseline_config()
   abstract, shardings = cu.abstract_state(base, mesh)
   with pytest.raises(checkpoint.IncompatibleCheckpointError,
-                     match="blocks.0.attn.gate_b: in the source but not in the new model"):
+                     match=r"blocks.0.attn.gate_b: in checkpoint \(shape \(\)\) but not in the current model"):
     export.retrofit(str(tmp_path / "mta" / "checkpoints" / "1"), base, abstract["params"],
                     shardings["params"])
 
