@@ -404,12 +404,8 @@ def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
   for field in ("every_steps", "keep_last", "keep_every"):
     if getattr(c, field) < 0:
       raise ConfigError(f"checkpoint.{field} must be >= 0; got {getattr(c, field)}.")
-  try:  # the data engineer's checks (sources, tokenizer, toy task), when present
-    from mta_jax.data import validate_data
-  except ImportError:
-    validate_data = None
-  if validate_data is not None:
-    validate_data(cfg)
+  from mta_jax.data import validate_data  # sources, tokenizer, toy task (imported late: cycle)
+  validate_data(cfg)
 
   if process_count < 1:
     raise ValueError(f"process_count must be >= 1; got {process_count}.")

@@ -307,7 +307,6 @@ def write_config(cfg: TrainConfig, workdir: str) -> str:
 def setup(cfg: TrainConfig) -> Mesh:
   """Validates the config against the devices and processes, then builds the mesh."""
   config_lib.validate(cfg, jax.device_count(), jax.process_count())
-  data_lib.check_vocab(cfg)
   return sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
 
 
