@@ -106,17 +106,12 @@ def main() -> None:
       cfg = {"variant": variant, "t": t, "batch": args.batch, "d_model": args.d_model,
              "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
              "vocab": args.vocab, "repeats": args.repeats}
-      res = common.run_worker(os.path.abspath(__file__), cfg, args.timeout)
-      res.update(cfg)
-      results.append(res)
-      status = res.get("error") or (f"wall {res['wall_s']:.3f}s cpu {res['cpu_s']:.3f}s "
-                                    f"peak {res['peak_rss_mib']:.0f} MiB")
-      print(f"T={t:5d} {variant:14s} {status}", flush=True)
+      results.append(common.run_and_report(os.path.abspath(__file__), cfg, args.timeout,
+                                           variant))
 
   rows = []
   for r in results:
-    base = next((b for b in results if b["t"] == r["t"] and b["variant"] == "baseline"
-                 and "error" not in b), None)
+    base = common.reference_row(results, r, "variant", "baseline")
     if "error" in r:
       rows.append([r["t"], r["variant"]] + ["-"] * 8 + [r["error"][:40]])
       continue

@@ -117,18 +117,13 @@ def main() -> None:
         continue
       cfg = {"impl": impl, "t": t, "batch": args.batch, "mem_budget_gib": args.mem_budget_gib,
              "repeats": args.repeats if t < 4096 else args.long_repeats}
-      res = common.run_worker(os.path.abspath(__file__), cfg, args.timeout)
-      res.update(cfg)
+      res = common.run_and_report(os.path.abspath(__file__), cfg, args.timeout, impl)
       res["gflop"] = counted_flops(impl, t, args.batch) / 1e9
       results.append(res)
-      status = res.get("error") or (f"wall {res['wall_s']:.3f}s cpu {res['cpu_s']:.3f}s "
-                                    f"peak {res['peak_rss_mib']:.0f} MiB")
-      print(f"T={t:5d} {impl:16s} {status}", flush=True)
 
   rows = []
   for r in results:
-    base = next((b for b in results if b["t"] == r["t"] and b["impl"] == "softmax"
-                 and "error" not in b), None)
+    base = common.reference_row(results, r, "impl", "softmax")
     if "error" in r:
       rows.append([r["t"], r["impl"], "-", "-", "-", "-", f"{r['gflop']:.0f}", "-", "-",
                    r["error"][:40]])
