@@ -47,6 +47,7 @@ from etils import epath
 from flax import nnx
 
 from mta_jax import config as config_lib
+from mta_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -341,14 +342,14 @@ def _raise_incompatible(where: str, diffs: list[str], hint: str = "") -> None:
 def save_tree(path, tree) -> None:
   """Synchronously write one PyTree (nested dict of arrays) as an Orbax checkpoint at `path`."""
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(epath.Path(path), tree)
+    ckptr.save(epath.Path(paths.resolve(path)), tree)
     ckptr.wait_until_finished()
 
 
 def tree_metadata(path) -> dict[tuple[str, ...], Any]:
   """Flat {path: metadata with .shape/.dtype} of an Orbax PyTree checkpoint directory."""
   with ocp.StandardCheckpointer() as ckptr:
-    md = ckptr.metadata(epath.Path(path))
+    md = ckptr.metadata(epath.Path(paths.resolve(path)))
   md = getattr(md, "item_metadata", md)
   return flatten(md.tree if hasattr(md, "tree") else md)
 
@@ -356,7 +357,7 @@ def tree_metadata(path) -> dict[tuple[str, ...], Any]:
 def restore_tree(path, target) -> dict:
   """Restore a PyTree checkpoint into `target` (nested dict of ShapeDtypeStruct w/ shardings)."""
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(epath.Path(path), target)
+    return ckptr.restore(epath.Path(paths.resolve(path)), target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +377,7 @@ class Checkpointer:
                read_only: bool = False):
     self.cfg = cfg
     self.ccfg = cfg.checkpoint
-    self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    self.directory = checkpoint_dir(workdir)
     self.read_only = read_only
     if not read_only:
       self._warn_incomplete()
@@ -663,7 +664,8 @@ def _json_default(x):
 
 
 def checkpoint_dir(workdir) -> epath.Path:
-  return epath.Path(workdir) / CHECKPOINT_SUBDIR
+  """`<workdir>/checkpoints`, absolute (Orbax refuses relative checkpoint paths)."""
+  return epath.Path(paths.resolve(workdir)) / CHECKPOINT_SUBDIR
 
 
 def export_main(cfg: config_lib.TrainConfig, workdir: str, flags=None) -> str:
