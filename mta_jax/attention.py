@@ -56,6 +56,15 @@ def _head_mix_init(kind: str, const: float):
   return init
 
 
+def gate_normal(d_model: int):
+  """Truncated normal at +-3 sigma with std d_model^-0.5: the released model's gate weight init.
+
+  (jax.random.truncated_normal draws from the unit normal cut at +-3, so the std of the result
+  is slightly below sigma, exactly as torch.nn.init.trunc_normal_(std=sigma, a=-3s, b=3s).)"""
+  std = d_model ** -0.5
+  return lambda key, shape, dtype: std * jax.random.truncated_normal(key, -3.0, 3.0, shape, dtype)
+
+
 def depth_scale(layer: int) -> float:
   """v1 group-norm scaling 1 - lambda(l), lambda(l) = 0.8 - 0.6 exp(-0.3 l) (Diff Transformer)."""
   return 1.0 - (0.8 - 0.6 * math.exp(-0.3 * layer))
@@ -93,8 +102,10 @@ class Attention(nnx.Module):
       # ONE RMSNorm weight [head_dim] shared by all heads (as the released model).
       self.norm_scale = param(rngs, ones, (hd,), ("norm",))
       if a.norm_scaling == "gate":
-        # w_g = 0 and b_g = 0: every gate starts at sigmoid(0) = 0.5.
-        self.gate_w = param(rngs, zeros, (hd,), ("norm",))
+        # b_g = 0; w_g truncated normal with std d_model^-0.5 (the released model) or zero
+        # (every gate starts at exactly sigmoid(0) = 0.5).
+        gate_init = gate_normal(cfg.d_model) if a.gate_init == "normal" else zeros
+        self.gate_w = param(rngs, gate_init, (hd,), ("norm",))
         self.gate_b = param(rngs, zeros, (), ())
 
   @property

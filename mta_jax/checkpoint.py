@@ -72,7 +72,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 # Model-config fields that do not change the parameters: a checkpoint restores across them.
 _RESTORE_COMPATIBLE_FIELDS = frozenset({
     "dtype", "param_dtype", "remat", "max_len", "attention.implementation", "attention.dropout",
-    "attention.init", "attention.init_const"})
+    "attention.init", "attention.init_const", "attention.gate_init"})
 
 
 class CheckpointError(RuntimeError):

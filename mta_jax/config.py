@@ -39,6 +39,9 @@ class AttentionConfig:
   c_h: int = 0                     # heads per mixing group; 0 = all heads
   group_norm: bool = False
   norm_scaling: str = "gate"       # "gate" (v2 default) | "depth" (v1) | "none"
+  # Gate weight w_g: "normal" = truncated normal (+-3 sigma), std d_model^-0.5, as the released
+  # model initialises it; "zero" = every gate starts at exactly sigmoid(0) = 0.5.
+  gate_init: str = "normal"
   # Initialisation of the MTA weights: "identity" (paper), "zero" or "const" (ablation).
   init: str = "identity"
   init_const: float = 0.1
@@ -250,6 +253,7 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
   _choice(f"{prefix}.param_dtype", m.param_dtype, ("float32", "bfloat16"))
   _choice(f"{prefix}.attention.norm_scaling", a.norm_scaling, ("gate", "depth", "none"))
   _choice(f"{prefix}.attention.init", a.init, ("identity", "zero", "const"))
+  _choice(f"{prefix}.attention.gate_init", a.gate_init, ("normal", "zero"))
   for field in ("c_q", "c_k", "post_c_q", "post_c_k"):
     if getattr(a, field) < 1:
       raise ConfigError(f"{prefix}.attention.{field} must be >= 1; got {getattr(a, field)}.")

@@ -57,8 +57,28 @@ def test_identity_mta_model_equals_baseline():
   assert np.abs(np.asarray(mta(tokens) - want)).max() > 1e-4  # 10x the tolerance above
 
 
+def test_gate_init_normal_is_truncated_at_three_sigma_with_std_of_the_model_width():
+  std = 256 ** -0.5
+  w = np.asarray(attention_lib.gate_normal(256)(jax.random.key(0), (200_000,), jnp.float32))
+  assert np.abs(w).max() <= 3 * std and np.abs(w).max() > 2.9 * std
+  # The unit normal cut at +-3 has std 0.98658; 200k draws pin it to ~0.2%.
+  np.testing.assert_allclose(w.std(), 0.98658 * std, rtol=5e-3)
+  assert abs(w.mean()) < 3 * std / np.sqrt(len(w)) * 3
+  # In the model (the default): width d_model, not head_dim; a different draw on every layer.
+  cfg = tiny(dataclasses.replace(FULL_MTA, group_norm=True, norm_scaling="gate"), d_model=64)
+  assert cfg.attention.gate_init == "normal"
+  model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+  gates = [np.asarray(b.attn.gate_w[...]) for b in model.blocks]
+  assert all(np.abs(g).max() <= 3 * 64 ** -0.5 and np.abs(g).min() > 0 for g in gates)
+  # std d_model^-0.5 = 0.125 here, not head_dim^-0.5 = 0.354
+  assert 0.08 < np.concatenate(gates).std() < 0.18
+  assert not np.array_equal(gates[0], gates[1])
+  assert all(float(b.attn.gate_b[...]) == 0.0 for b in model.blocks)
+
+
 def test_group_norm_gate_starts_at_one_half_and_depth_scaling():
-  cfg = tiny(dataclasses.replace(FULL_MTA, group_norm=True, norm_scaling="gate"))
+  cfg = tiny(dataclasses.replace(FULL_MTA, group_norm=True, norm_scaling="gate",
+                                 gate_init="zero"))
   attn = TransformerLM(cfg, rngs=nnx.Rngs(0)).blocks[1].attn
   o = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 4, 8)), jnp.float32)
   rms = o / np.sqrt(np.mean(np.square(o), axis=-1, keepdims=True) + 1e-5)
@@ -173,6 +193,7 @@ def test_remat_bf16_and_dropout():
     (dict(attention=dataclasses.replace(FULL_MTA, c_h=3)), "model.attention.c_h"),
     (dict(attention=dataclasses.replace(FULL_MTA, kq_layers=(5,))), "kq_layers"),
     (dict(attention=dataclasses.replace(FULL_MTA, norm_scaling="soft")), "norm_scaling"),
+    (dict(attention=dataclasses.replace(FULL_MTA, gate_init="ones")), "gate_init"),
     (dict(attention=dataclasses.replace(FULL_MTA, implementation="cuda")), "implementation"),
     (dict(d_model=30), "model.d_model"),
     (dict(dtype="float16"), "model.dtype"),
