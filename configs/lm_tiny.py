@@ -1,4 +1,5 @@
-"""Tiny language-model runs that fit a laptop CPU: the three families of the paper at toy size.
+"""Tiny language-model runs that fit a laptop CPU: the four families of the paper at toy size
+(`baseline`, `talking_heads`, `mta`, `diff`).
 
     python train.py --config=configs/lm_tiny.py:mta            # or :baseline / :talking_heads
     python train.py --config=configs/lm_tiny.py:mta --config.data.source=text \
@@ -11,15 +12,15 @@ layout at 4 layers: key-query convs (c_q=6, c_k=11, pre and post) on layer 2, he
 """
 
 from mta_jax.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig,
-                            attention_family, FAMILIES)
+                            family_model, FAMILIES)
 
 
 def get_config(arg=None) -> TrainConfig:
   family = arg or "mta"
   if family not in FAMILIES:
     raise ValueError(f"configs/lm_tiny.py:{family} is unknown; choose one of {FAMILIES}.")
-  model = ModelConfig(vocab_size=256, d_model=64, n_layers=4, n_heads=4, max_len=128,
-                      rope_theta=1e4, attention=attention_family(family))
+  model = family_model(ModelConfig(vocab_size=256, d_model=64, n_layers=4, n_heads=4,
+                                   max_len=128, rope_theta=1e4), family)
   return TrainConfig(
       model=model,
       data=DataConfig(source="synthetic", seq_len=128, batch_size=16, seed=0),

@@ -1,9 +1,11 @@
 """The attention layer: projections, RoPE, the (multi-token) attention op, gated group norm.
 
-One module covers the three families of the paper, switched by `AttentionConfig`:
+One module covers the four families of the paper, switched by `AttentionConfig`:
   * baseline softmax attention     (no MTA flags)
   * talking heads                  (head_mix_pre / head_mix_post only)
   * MTA                            (key-query convs on some layers, head mixing, group norm)
+  * DIFF Transformer               (`diff`: two query/key halves per head, differential map,
+                                    see ops_diff.py; group norm with depth scaling)
 
     q, k, v = x Wq, x Wk, x Wv; RoPE(q), RoPE(k)              per document positions
     o       = multi_token_attention(q, k, v, conv/mix weights)  Eq. 5-7 (see ops.py)
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mta_jax import ops
+from mta_jax import ops_diff
 from mta_jax.config import ModelConfig
 from mta_jax.layers import INIT_STD, normal, ones, param, rms_norm, zeros, apply_rope
 from mta_jax.sharding import constrain
@@ -98,6 +101,12 @@ class Attention(nnx.Module):
     self.mix_post = (param(rngs, mix_init, (h // c_h, c_h, c_h), mix_axes)
                      if a.head_mix_post else None)
 
+    if a.diff:
+      # lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init(layer); vectors of the half
+      # width, drawn from N(0, 0.1^2) as in the DIFF paper's released code.
+      for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+        setattr(self, name, param(rngs, normal(0.1), (hd // 2,), ("norm",)))
+
     if a.group_norm:
       # ONE RMSNorm weight [head_dim] shared by all heads (as the released model).
       self.norm_scale = param(rngs, ones, (hd,), ("norm",))
@@ -119,6 +128,8 @@ class Attention(nnx.Module):
     k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv[...].astype(dt))
     theta = self.cfg.rope_theta
+    if self.cfg.attention.diff:  # [B, T, H, hd] -> [B, T, 2H, hd/2]: each half is rotated alone
+      q, k = (x.reshape(*x.shape[:2], 2 * x.shape[2], x.shape[3] // 2) for x in (q, k))
     q = apply_rope(q, positions_BxT, theta)
     k = apply_rope(k, positions_BxT, theta)
     names = ("act_batch", "act_length", "act_heads", None)
@@ -129,6 +140,10 @@ class Attention(nnx.Module):
     """The attention op proper: [B, T, H, hd] -> [B, T, H, hd]."""
     a = self.cfg.attention
     rate = a.dropout if dropout_rng is not None else 0.0
+    if a.diff:
+      return ops_diff.differential_attention(
+          q, k, v, self.diff_lambda(), segment_ids=segment_ids_BxT,
+          implementation=a.implementation, dropout_rate=rate, dropout_rng=dropout_rng)
     if not self.uses_mta_op and rate == 0.0:
       return ops.dot_product_attention(q, k, v, segment_ids=segment_ids_BxT)
     get = lambda w: None if w is None else w[...]
@@ -142,10 +157,17 @@ class Attention(nnx.Module):
               segment_ids_BxT: Array | None = None) -> Array:
     """This layer's attention weights A [B, H, T, T] (float32), for analysis and plots."""
     q, k, _ = self.project(x_BxTxD, positions_BxT)
+    if self.cfg.attention.diff:
+      return ops_diff.differential_weights(q, k, self.diff_lambda(), segment_ids=segment_ids_BxT)
     get = lambda w: None if w is None else w[...]
     return ops.attention_weights(q, k, kq_kernel_pre=get(self.kq_pre),
                                  kq_kernel_post=get(self.kq_post), head_mix_pre=get(self.mix_pre),
                                  head_mix_post=get(self.mix_post), segment_ids=segment_ids_BxT)
+
+  def diff_lambda(self) -> Array:
+    """DIFF Transformer's scalar lambda of this layer (float32)."""
+    return ops_diff.diff_lambda(self.lambda_q1[...], self.lambda_k1[...], self.lambda_q2[...],
+                                self.lambda_k2[...], self.layer)
 
   def group_norm(self, o_BxTxHxK: Array) -> Array:
     """Per-head RMSNorm over head_dim, then the sigmoid gate (v2) or depth scaling (v1)."""
@@ -158,6 +180,8 @@ class Attention(nnx.Module):
       y = y * jax.nn.sigmoid(logit)[..., None].astype(y.dtype)
     elif a.norm_scaling == "depth":
       y = y * depth_scale(self.layer)
+    elif a.norm_scaling == "inv_sqrt_layer":
+      y = y * (1.0 / math.sqrt(self.layer + 1))
     return y
 
   def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None = None,

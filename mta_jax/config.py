@@ -38,7 +38,9 @@ class AttentionConfig:
   head_mix_post: bool = False
   c_h: int = 0                     # heads per mixing group; 0 = all heads
   group_norm: bool = False
-  norm_scaling: str = "gate"       # "gate" (v2 default) | "depth" (v1) | "none"
+  # "gate" (v2 default) | "depth" (v1, 1 - lambda(l)) | "none" | "inv_sqrt_layer" (1/sqrt(l+1),
+  # "LayerNorm scaling" of Sun et al. 2025 applied to the group norm's output; l 0-based)
+  norm_scaling: str = "gate"
   # Gate weight w_g: "normal" = truncated normal (+-3 sigma), std d_model^-0.5, as the released
   # model initialises it; "zero" = every gate starts at exactly sigmoid(0) = 0.5.
   gate_init: str = "normal"
@@ -46,6 +48,10 @@ class AttentionConfig:
   init: str = "identity"
   init_const: float = 0.1
   dropout: float = 0.0             # attention-weight dropout, training only
+  # DIFF Transformer (differential attention): each head's q / k split into two halves of
+  # head_dim / 2 whose softmax maps are subtracted (lambda per layer); v keeps head_dim. The
+  # "diff" family halves n_heads and doubles head_dim, so the weights keep the baseline's shapes.
+  diff: bool = False
   implementation: str = "chunked"  # "chunked" (exact, O(block x T) memory) | "xla" (reference)
 
   @property
@@ -202,7 +208,7 @@ PAPER_SIZES = {
     "880m": (1536, 24, 16, 96),
     "1b": (2048, 24, 16, 128),
 }
-FAMILIES = ("baseline", "talking_heads", "mta")
+FAMILIES = ("baseline", "talking_heads", "mta", "diff")
 
 
 def attention_family(family: str) -> AttentionConfig:
@@ -215,17 +221,32 @@ def attention_family(family: str) -> AttentionConfig:
     return AttentionConfig(pre_conv=True, post_conv=True, c_q=6, c_k=11, post_c_q=6,
                            post_c_k=11, kq_every=4, kq_offset=2, head_mix_pre=True,
                            head_mix_post=True, group_norm=True, norm_scaling="gate")
+  if family == "diff":  # use `family_model`: the DIFF family also halves the heads
+    return AttentionConfig(diff=True, group_norm=True, norm_scaling="depth")
   raise ConfigError(f"unknown model family {family!r}; choose one of {FAMILIES}.")
 
 
+def family_model(model: ModelConfig, family: str) -> ModelConfig:
+  """`model` (a baseline shape) turned into `family`. DIFF: half as many heads of twice the
+  width (the DIFF paper's rule), so every projection keeps its shape and parameter count."""
+  out = dataclasses.replace(model, attention=attention_family(family))
+  if family == "diff":
+    if model.n_heads % 2:
+      raise ConfigError(f"the diff family halves model.n_heads={model.n_heads}; use an even "
+                        "head count.")
+    out.head_dim = 2 * model.resolved_head_dim
+    out.n_heads = model.n_heads // 2
+  return out
+
+
 def paper_model(size: str, family: str) -> ModelConfig:
-  """The paper's `size` model ("300m" ... "1b") in `family` ("baseline" | "talking_heads" | "mta")."""
+  """The paper's `size` model ("300m" ... "1b") in `family` (one of FAMILIES)."""
   if size not in PAPER_SIZES:
     raise ConfigError(f"unknown paper size {size!r}; choose one of {tuple(PAPER_SIZES)}.")
   d_model, n_layers, n_heads, head_dim = PAPER_SIZES[size]
-  return ModelConfig(vocab_size=128256, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                     head_dim=head_dim, rope_theta=1e5, norm_eps=1e-5, max_len=2048,
-                     attention=attention_family(family))
+  base = ModelConfig(vocab_size=128256, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                     head_dim=head_dim, rope_theta=1e5, norm_eps=1e-5, max_len=2048)
+  return family_model(base, family)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +272,16 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
                       f"({prefix}.head_dim / {prefix}.d_model / {prefix}.n_heads).")
   _choice(f"{prefix}.dtype", m.dtype, ("float32", "bfloat16"))
   _choice(f"{prefix}.param_dtype", m.param_dtype, ("float32", "bfloat16"))
-  _choice(f"{prefix}.attention.norm_scaling", a.norm_scaling, ("gate", "depth", "none"))
+  _choice(f"{prefix}.attention.norm_scaling", a.norm_scaling,
+          ("gate", "depth", "none", "inv_sqrt_layer"))
+  if a.diff and a.uses_mta_op:
+    raise ConfigError(f"{prefix}.attention.diff=True cannot be combined with key-query "
+                      "convolutions or head mixing (pre_conv / post_conv / head_mix_pre / "
+                      "head_mix_post); turn those off or diff off.")
+  if a.diff and m.resolved_head_dim % 4:
+    raise ConfigError(f"{prefix}.attention.diff=True splits head_dim={m.resolved_head_dim} into "
+                      "two halves that each need an even width for RoPE; use a head_dim "
+                      "divisible by 4.")
   _choice(f"{prefix}.attention.init", a.init, ("identity", "zero", "const"))
   _choice(f"{prefix}.attention.gate_init", a.gate_init, ("normal", "zero"))
   for field in ("c_q", "c_k", "post_c_q", "post_c_k"):

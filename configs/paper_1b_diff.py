@@ -1,0 +1,8 @@
+"""The paper's 1B model, diff family (DIFF Transformer: half the heads, twice the width);
+training setup in configs/paper.py."""
+
+from configs import paper
+
+
+def get_config(arg=None):
+  return paper.get("1b", "diff", arg)
