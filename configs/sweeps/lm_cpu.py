@@ -27,8 +27,8 @@ TEXT = {"data.source": "text", "data.path": "data/stdlib_docs/1.0.0",
         "optim.warmup_steps": 30, "eval_every": STEPS, "eval_steps": 10, "log_every": 25,
         "checkpoint.every_steps": 100}
 FAMILIES = ("baseline", "diff", "talking_heads", "mta")
-ABLATIONS = ("no_post_conv", "no_head_mix", "no_group_norm", "kernel_4x9", "kernel_8x13",
-             "gate_zero")
+ABLATIONS = ("gate_zero", "no_post_conv", "no_head_mix", "no_group_norm", "kernel_4x9",
+             "kernel_8x13")
 
 
 def get_sweep() -> Sweep:
