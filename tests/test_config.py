@@ -166,7 +166,7 @@ def test_toy_config_rejects_unknown_variant():
     toy.get_config("mta_n5_middle")
 
 
-@pytest.mark.parametrize("family", ["baseline", "talking_heads", "mta"])
+@pytest.mark.parametrize("family", ["baseline", "talking_heads", "mta", "diff"])
 def test_lm_tiny_configs_validate(family):
   validate(lm_tiny.get_config(family), 8)
 
@@ -175,7 +175,7 @@ def test_paper_presets_exist_and_are_well_formed():
   names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs",
                                                                      "paper_*_*.py")))
   want = sorted(f"paper_{s}_{f}.py" for s in ("300m", "550m", "880m", "1b")
-                for f in ("baseline", "talking_heads", "mta"))
+                for f in ("baseline", "talking_heads", "mta", "diff"))
   assert names == want
   import importlib
   for name in want:
