@@ -12,6 +12,7 @@ anything is launched; a bad sweep is one SweepError line and exit status 2.
                     subprocess (log: <workdir>/train.log). A finished run (done.json) is skipped;
                     an interrupted one resumes from its last checkpoint (train.py's own resume).
                     Seeds go in the outer loop, so a sweep cut short still has every run once.
+                    Several runners may work on one sweep at once (a lock file per run).
   --launch=print    prints one train.py command per unfinished run (for a cluster launcher).
   --launch=collect  only tabulates what has finished.
 
@@ -33,11 +34,11 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
-import typing
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = {  # name -> (how to read it from the final eval record, label, lower is better)
@@ -201,6 +202,45 @@ def is_done(wd: str) -> bool:
   return os.path.isfile(os.path.join(wd, "done.json"))
 
 
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def try_lock(wd: str) -> bool:
+  """Claims a run for this runner (several `--launch=local` runners may share one sweep on one
+  machine). False when another live runner holds it; a stale lock is taken over."""
+  os.makedirs(wd, exist_ok=True)
+  path = os.path.join(wd, "running.lock")
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        pid = int(open(path).read().strip() or 0)
+      except (OSError, ValueError):
+        pid = 0
+      if pid and _pid_alive(pid):
+        return False
+      os.remove(path)  # stale: its runner is gone
+      continue
+    with os.fdopen(fd, "w") as f:
+      f.write(str(os.getpid()))
+    return True
+  return False
+
+
+def unlock(wd: str) -> None:
+  path = os.path.join(wd, "running.lock")
+  if os.path.isfile(path):
+    os.remove(path)
+
+
 def run_local(sweep: Sweep, run: Run, seed: int, out: str, env: dict) -> dict:
   """Runs one (run, seed) to completion in a fresh process; writes and returns done.json."""
   wd = workdir(out, sweep, run, seed)
@@ -239,19 +279,26 @@ def _launch_local(sweep: Sweep, seeds: int, out: str, only: str) -> int:
     if is_done(wd):
       print(f"{tag}: done already, skipped", flush=True)
       continue
+    if not try_lock(wd):
+      print(f"{tag}: being run by another runner, skipped", flush=True)
+      continue
     resumed = " (resuming)" if os.path.isdir(os.path.join(wd, "checkpoints")) else ""
     print(f"{tag}: running{resumed}, log {wd}/train.log", flush=True)
     t0 = time.time()
     try:
       done = run_local(sweep, run, seed, out, env)
-    except KeyboardInterrupt:
-      with open(os.path.join(wd, "wall_s"), "w") as f:
-        f.write(str(time.time() - t0))
-      raise
-    except RuntimeError as e:
+    except BaseException as e:  # an interrupted attempt's time still counts
+      prev = os.path.join(wd, "wall_s")
+      before = float(open(prev).read()) if os.path.isfile(prev) else 0.0
+      with open(prev, "w") as f:
+        f.write(str(before + time.time() - t0))
+      if not isinstance(e, RuntimeError):
+        raise
       failures += 1
       print(f"{tag}: FAILED: {e}", flush=True)
       continue
+    finally:
+      unlock(wd)
     value = METRICS[sweep.metric][0](done["eval"])
     print(f"{tag}: {sweep.metric} {value:.4g} in {time.time() - t0:.0f}s "
           f"(sweep {time.time() - t_sweep:.0f}s)", flush=True)
@@ -375,6 +422,12 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _sigterm(signum, frame):
+  # Stops like Ctrl-C: subprocess.call kills the running train.py (which resumes from its last
+  # checkpoint next time) and the attempt's time is recorded.
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   args = _parser().parse_args(argv)
   try:
@@ -413,4 +466,5 @@ if __name__ == "__main__":
   # Run the imported module's main: sweep files build `mta_jax.sweep.Sweep`, which is not this
   # `__main__` module's class.
   from mta_jax import sweep as _sweep
+  signal.signal(signal.SIGTERM, _sigterm)
   sys.exit(_sweep.main())

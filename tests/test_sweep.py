@@ -90,6 +90,22 @@ def test_skip_resume_and_collect(tmp_path, monkeypatch, capsys):
   assert len(fake.calls) == 5  # collect runs nothing
 
 
+def test_runs_locked_by_another_live_runner_are_skipped(tmp_path, monkeypatch, capsys):
+  path, out = _write(tmp_path), str(tmp_path / "out")
+  held = os.path.join(out, "trivial", "mta", "seed0")
+  stale = os.path.join(out, "trivial", "base", "seed0")
+  for wd, pid in ((held, os.getppid()), (stale, 2 ** 22 + 7919)):  # live / no such process
+    os.makedirs(wd)
+    open(os.path.join(wd, "running.lock"), "w").write(str(pid))
+  fake = FakeTrain()
+  monkeypatch.setattr(sweep_lib.subprocess, "call", fake)
+  assert sweep_lib.main([path, f"--out={out}", "--seeds=1"]) == 0
+  assert fake.calls == [stale]  # the stale lock was taken over, then released
+  assert "mta seed 0: being run by another runner, skipped" in capsys.readouterr().out
+  assert not os.path.exists(os.path.join(stale, "running.lock"))
+  assert os.path.exists(os.path.join(held, "running.lock"))
+
+
 @pytest.mark.parametrize("extra,message", [
     ('"model.n_layer": 2', r"unknown field 'model.n_layer' \('n_layer' is not a field of model"),
     ('"model.attention": 2', "is a group of fields"),
