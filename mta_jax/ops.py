@@ -265,7 +265,7 @@ def implementations() -> tuple[str, ...]:
 def _load_optional_implementations() -> None:
   # Fast paths live in their own modules and register themselves on import.
   import importlib
-  for module in ("mta_jax.ops_chunked",):
+  for module in ("mta_jax.ops_chunked", "mta_jax.ops_pallas"):
     try:
       importlib.import_module(module)
     except ModuleNotFoundError as e:
