@@ -44,6 +44,7 @@ class AttentionConfig:
   init_const: float = 0.1
   dropout: float = 0.0             # attention-weight dropout, training only
   implementation: str = "chunked"  # "chunked" (exact, O(block x T) memory) | "xla" (reference)
+  #                                  | "pallas" (fused forward kernel; interpret mode off TPU)
 
   @property
   def uses_mta_op(self) -> bool:
@@ -272,6 +273,9 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
   if a.implementation not in ops.implementations():
     raise ConfigError(f"{prefix}.attention.implementation={a.implementation!r} is unknown; "
                       f"choose one of {ops.implementations()}.")
+  if a.implementation == "pallas" and a.dropout > 0.0:
+    raise ConfigError(f"{prefix}.attention.implementation='pallas' has no attention dropout; "
+                      f"set {prefix}.attention.dropout=0 or use implementation='chunked'.")
 
 
 def to_dict(cfg) -> dict:
