@@ -114,8 +114,8 @@ def test_dropout_and_bad_blocks_raise():
 # ---------------------------------------------------------------------------------------------
 
 
-def _tpu_compile_fwd_bwd(topology: str, length: int):
-  """Compiles grad(sum(MTA)) under shard_map for a TPU topology; returns the compiled object."""
+def _tpu_compile(topology: str, length: int, with_grad: bool):
+  """Compiles MTA (or grad(sum(MTA))) under shard_map for a TPU topology, ahead of time."""
   pytest.importorskip("libtpu")
   from jax.experimental import topologies
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -126,7 +126,7 @@ def _tpu_compile_fwd_bwd(topology: str, length: int):
   sds = lambda shape, spec, dt=jnp.float32: jax.ShapeDtypeStruct(
       shape, dt, sharding=NamedSharding(mesh, spec))
   x = sds((len(devices), length, heads, head_dim), P("data"), jnp.bfloat16)
-  kern, mix = sds((heads, 3, 5), P()), sds((2, 2, 2), P())
+  kern, mix = sds((heads, 2, 3), P()), sds((2, 2, 2), P())
   seg = sds((len(devices), length), P("data"), jnp.int32)
 
   def local(q, k, v, kp, kpo, mp, mpo, seg):
@@ -136,16 +136,20 @@ def _tpu_compile_fwd_bwd(topology: str, length: int):
 
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 3 + (P(),) * 4 + (P("data"),),
                           out_specs=P("data"), check_vma=False)
-  loss = lambda *a: sharded(*a).astype(jnp.float32).sum()
-  grad = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
-  return grad.lower(x, x, x, kern, kern, mix, mix, seg).compile()
+  fn = sharded
+  if with_grad:
+    fn = jax.grad(lambda *a: sharded(*a).astype(jnp.float32).sum(), argnums=tuple(range(7)))
+  return jax.jit(fn).lower(x, x, x, kern, kern, mix, mix, seg).compile()
 
 
-@pytest.mark.parametrize("topology", [
-    "v5e:2x2", pytest.param("v5p:2x2x1", marks=pytest.mark.slow)])
-def test_tpu_aot_compile_has_mosaic_kernel_and_no_txt_buffer(topology):
+@pytest.mark.parametrize("topology,with_grad", [
+    ("v5e:2x2", False),
+    pytest.param("v5p:2x2x1", False, marks=pytest.mark.slow),
+    pytest.param("v5e:2x2", True, marks=pytest.mark.slow),  # + the chunked backward: minutes
+], ids=["v5e-fwd", "v5p-fwd", "v5e-fwd-bwd"])
+def test_tpu_aot_compile_has_mosaic_kernel_and_no_txt_buffer(topology, with_grad):
   length, local_batch, heads = 4096, 1, 4
-  compiled = _tpu_compile_fwd_bwd(topology, length)
+  compiled = _tpu_compile(topology, length, with_grad)
   text = compiled.as_text()
   assert text.count('custom_call_target="tpu_custom_call"') >= 2  # lse pass + output pass
   # No array in the compiled program has two dimensions of length >= T ...
@@ -155,4 +159,47 @@ def test_tpu_aot_compile_has_mosaic_kernel_and_no_txt_buffer(topology):
   assert not square, square[:5]
   # ... and the scratch is below one shard's [B, H, T, T] float32 logits.
   temp = compiled.memory_analysis().temp_size_in_bytes
-  assert 0 < temp < local_batch * heads * length * length * 4, temp
+  assert temp < local_batch * heads * length * length * 4, temp
+
+
+# ---------------------------------------------------------------------------------------------
+# The model with implementation="pallas" (under shard_map over batch and heads).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_model_with_pallas_equals_chunked_on_a_mesh():
+  """One MTA layer (every stage, c_h = 2, heads split over tensor = 2), logits and gradients."""
+  import dataclasses
+
+  from flax import nnx
+
+  from mta_jax import sharding
+  from mta_jax.config import AttentionConfig, ModelConfig
+  from mta_jax.model import TransformerLM
+
+  attn = AttentionConfig(pre_conv=True, post_conv=True, c_q=3, c_k=5, post_c_q=2, post_c_k=3,
+                         kq_layers=(0,), head_mix_pre=True, head_mix_post=True, c_h=2,
+                         group_norm=True)
+  cfg = lambda impl: ModelConfig(vocab_size=61, d_model=32, n_layers=1, n_heads=4, max_len=32,
+                                 attention=dataclasses.replace(attn, implementation=impl))
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 61, (4, 13)), jnp.int32)
+  seg = jnp.asarray([[1] * 5 + [2] * 8] * 2 + [[3] * 13] * 2, jnp.int32)
+  mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
+
+  def loss_and_grads(impl):
+    model = TransformerLM(cfg(impl), rngs=nnx.Rngs(0))
+    for name in ("kq_pre", "kq_post", "mix_pre", "mix_post"):
+      p = getattr(model.blocks[0].attn, name)
+      p[...] = jnp.asarray(rng_w.normal(size=p.shape) * 0.5, p[...].dtype)
+    loss = lambda m: m(tokens, segment_ids=seg).astype(jnp.float32).std()
+    with jax.set_mesh(mesh):
+      return nnx.jit(nnx.value_and_grad(loss))(model)
+
+  rng_w = np.random.default_rng(1)
+  want_loss, want_grads = loss_and_grads("chunked")
+  rng_w = np.random.default_rng(1)
+  got_loss, got_grads = loss_and_grads("pallas")
+  _assert_close(got_loss, want_loss, FWD_TOL)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    _assert_close(got, want, GRAD_TOL)
