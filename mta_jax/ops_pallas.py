@@ -31,6 +31,12 @@ lowering time (`jax.lax.platform_dependent`), so ahead-of-time compiles for a TP
 from a CPU host get the Mosaic kernel.
 
 Attention dropout is not implemented in the kernel: dropout_rate > 0 raises (use "chunked").
+
+Known limit (TPU): a program holds every head of a mixing group, and the kernel body unrolls
+heads and conv taps, so Mosaic keeps many [rows, columns] tiles live in VMEM. With 4 heads per
+program it compiles for v5e / v5p; with the paper's full mixing (16 heads per program, 6 x 11
+convs, 128 x 128 tiles) Mosaic asks for 87 MiB of scoped VMEM and refuses (default limit 16
+MiB). The fix is to loop over heads through VMEM scratch buffers instead of unrolling them.
 """
 
 from __future__ import annotations
