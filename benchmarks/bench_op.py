@@ -127,8 +127,9 @@ def worker(cfg: dict) -> dict:
   near = lambda base, key: base + 0.01 * jax.random.normal(key, base.shape)
   kp = near(ops.identity_kq_kernel(HEADS, C_Q, C_K), keys[3])
   kpo = near(ops.identity_kq_kernel(HEADS, C_Q, C_K), keys[4])
-  mp = near(ops.identity_head_mix(HEADS, HEADS), keys[5])
-  mpo = near(ops.identity_head_mix(HEADS, HEADS), keys[6])
+  c_h = cfg.get("c_h", HEADS)
+  mp = near(ops.identity_head_mix(HEADS, c_h), keys[5])
+  mpo = near(ops.identity_head_mix(HEADS, c_h), keys[6])
   ct = jax.random.normal(keys[7], q.shape)
 
   if impl == "pallas" and jax.default_backend() != "tpu":
@@ -164,6 +165,8 @@ def main() -> None:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="q, k, v dtype (cudnn needs bfloat16)")
   p.add_argument("--baseline", default="softmax", help="the row the ratios divide by")
+  p.add_argument("--c-h", type=int, default=HEADS,
+                 help="heads per mixing group (pallas on TPU compiles with <= 4 for now)")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--long-repeats", type=int, default=1, help="repeats for T >= 4096")
@@ -190,9 +193,10 @@ def main() -> None:
       if impl == "xla" and t > args.xla_max_len:
         continue
       cfg = {"impl": impl, "t": t, "batch": args.batch, "mem_budget_gib": args.mem_budget_gib,
-             "repeats": args.repeats if t < 4096 else args.long_repeats, "dtype": args.dtype}
+             "repeats": args.repeats if t < 4096 else args.long_repeats, "dtype": args.dtype,
+             "c_h": args.c_h}
       res = common.run_and_report(os.path.abspath(__file__), cfg, args.timeout, impl)
-      res["gflop"] = counted_flops(impl, t, args.batch) / 1e9
+      res["gflop"] = counted_flops(impl, t, args.batch, c_h=args.c_h) / 1e9
       results.append(res)
 
   rows, notes = [], []
