@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mta_jax import ops
+from mta_jax import implementations, ops
 from mta_jax.config import ModelConfig
 from mta_jax.layers import INIT_STD, normal, ones, param, rms_norm, zeros, apply_rope
 from mta_jax.sharding import constrain
@@ -121,7 +121,7 @@ class Attention(nnx.Module):
     if not self.uses_mta_op and rate == 0.0:
       return ops.dot_product_attention(q, k, v, segment_ids=segment_ids_BxT)
     get = lambda w: None if w is None else w[...]
-    return ops.multi_token_attention(
+    return implementations.multi_token_attention(
         q, k, v, kq_kernel_pre=get(self.kq_pre), kq_kernel_post=get(self.kq_post),
         head_mix_pre=get(self.mix_pre), head_mix_post=get(self.mix_post),
         segment_ids=segment_ids_BxT, implementation=a.implementation,

@@ -8,7 +8,7 @@ inconsistent settings with a message naming the field, before anything is compil
 import dataclasses
 import math
 import typing
-from typing import Optional
+from typing import Any, Iterable, Mapping, Optional
 
 
 class ConfigError(ValueError):
@@ -230,7 +230,8 @@ def paper_model(size: str, family: str) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _choice(field: str, value, choices) -> None:
+def check_choice(field: str, value, choices) -> None:
+  """ConfigError naming `field` unless `value` is one of `choices`."""
   if value not in choices:
     raise ConfigError(f"{field}={value!r} is not allowed; choose one of {tuple(choices)}.")
 
@@ -246,10 +247,10 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
   if m.resolved_head_dim % 2:
     raise ConfigError(f"head_dim={m.resolved_head_dim} must be even for RoPE "
                       f"({prefix}.head_dim / {prefix}.d_model / {prefix}.n_heads).")
-  _choice(f"{prefix}.dtype", m.dtype, ("float32", "bfloat16"))
-  _choice(f"{prefix}.param_dtype", m.param_dtype, ("float32", "bfloat16"))
-  _choice(f"{prefix}.attention.norm_scaling", a.norm_scaling, ("gate", "depth", "none"))
-  _choice(f"{prefix}.attention.init", a.init, ("identity", "zero", "const"))
+  check_choice(f"{prefix}.dtype", m.dtype, ("float32", "bfloat16"))
+  check_choice(f"{prefix}.param_dtype", m.param_dtype, ("float32", "bfloat16"))
+  check_choice(f"{prefix}.attention.norm_scaling", a.norm_scaling, ("gate", "depth", "none"))
+  check_choice(f"{prefix}.attention.init", a.init, ("identity", "zero", "const"))
   for field in ("c_q", "c_k", "post_c_q", "post_c_k"):
     if getattr(a, field) < 1:
       raise ConfigError(f"{prefix}.attention.{field} must be >= 1; got {getattr(a, field)}.")
@@ -268,15 +269,93 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
       raise ConfigError(f"{prefix}.attention.kq_layers has layer {i}, outside 0..{m.n_layers - 1}.")
   if not 0.0 <= a.dropout < 1.0:
     raise ConfigError(f"{prefix}.attention.dropout must be in [0, 1); got {a.dropout}.")
-  from mta_jax import ops  # local import: config stays importable without jax work
-  if a.implementation not in ops.implementations():
-    raise ConfigError(f"{prefix}.attention.implementation={a.implementation!r} is unknown; "
-                      f"choose one of {ops.implementations()}.")
+  from mta_jax import implementations  # local import: config stays importable without jax
+  check_choice(f"{prefix}.attention.implementation", a.implementation, implementations.names())
 
 
 def to_dict(cfg) -> dict:
   """The resolved config as plain JSON-able data."""
   return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: Mapping, where: str = "config"):
+  """The inverse of `to_dict` for the config dataclass `cls` (JSON lists become tuples).
+
+  Unknown fields are a ConfigError naming them (a config written by another version)."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - set(fields))
+  if unknown:
+    raise ConfigError(f"{where}: unknown config fields {unknown} for {cls.__name__} (written by "
+                      "a different version of mta_jax?).")
+  kwargs = {}
+  for name, value in d.items():
+    factory = fields[name].default_factory
+    default = factory() if factory is not dataclasses.MISSING else None
+    if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+      kwargs[name] = from_dict(type(default), value, f"{where}.{name}")
+    elif isinstance(value, list):
+      kwargs[name] = tuple(value)
+    else:
+      kwargs[name] = value
+  return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model compatibility: which stored parameters a model config can use
+# ---------------------------------------------------------------------------------------------
+
+# Model-config fields that do not change the parameters: a checkpoint restores across them.
+RESTORE_COMPATIBLE_FIELDS = frozenset({
+    "dtype", "param_dtype", "remat", "max_len", "attention.implementation", "attention.dropout",
+    "attention.init", "attention.init_const"})
+
+
+def _flat_dict(d: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_flat_dict(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def resolved_model_fields(m: ModelConfig) -> dict[str, Any]:
+  """The model config as flat 'a.b' fields, with derived sizes resolved and the sizes of
+  features that are off left out."""
+  out = _flat_dict(dataclasses.asdict(m))
+  out["head_dim"] = m.resolved_head_dim
+  out["ffn_hidden"] = m.resolved_ffn_hidden
+  out["attention.c_h"] = m.resolved_c_h
+  out["attention.kq_layers"] = list(m.kq_layer_indices())
+  for k in ("attention.kq_every", "attention.kq_offset"):  # folded into kq_layers
+    out.pop(k)
+  a = m.attention
+  unused = []
+  if not a.pre_conv:
+    unused += ["attention.c_q", "attention.c_k"]
+  if not a.post_conv:
+    unused += ["attention.post_c_q", "attention.post_c_k"]
+  if not (a.head_mix_pre or a.head_mix_post):
+    unused += ["attention.c_h"]
+  if not a.group_norm:
+    unused += ["attention.norm_scaling"]
+  for k in unused:
+    out.pop(k)
+  return out
+
+
+def model_config_diff(stored: ModelConfig, current: ModelConfig,
+                      ignore: Iterable[str] = RESTORE_COMPATIBLE_FIELDS) -> list[str]:
+  """['model.attention.pre_conv: checkpoint False, current True', ...]"""
+  a, b = resolved_model_fields(stored), resolved_model_fields(current)
+  ignore = set(ignore)
+  diffs = []
+  for k in sorted(set(a) & set(b)):  # a size only one side uses shows up as its feature flag
+    if k not in ignore and a[k] != b[k]:
+      diffs.append(f"model.{k}: checkpoint {a[k]!r}, current {b[k]!r}")
+  return diffs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,8 +438,8 @@ def _validate_optim(o: OptimConfig, steps: int) -> None:
   for field in ("weight_decay", "clip_norm", "z_loss", "warmup_steps", "decay_steps"):
     if getattr(o, field) < 0:
       raise ConfigError(f"optim.{field} must be >= 0; got {getattr(o, field)}.")
-  _choice("optim.schedule", o.schedule, ("linear", "cosine", "constant"))
-  _choice("optim.decay_mask", o.decay_mask, ("matrices", "all"))
+  check_choice("optim.schedule", o.schedule, ("linear", "cosine", "constant"))
+  check_choice("optim.decay_mask", o.decay_mask, ("matrices", "all"))
   if not 0.0 <= o.min_lr_ratio <= 1.0:
     raise ConfigError(f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}.")
   if o.grad_accum < 1:
@@ -445,15 +524,15 @@ def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
 
 def validate_data(d: DataConfig, prefix: str = "data") -> None:
   """Rejects bad data settings without touching files; every message names the field."""
-  _choice(f"{prefix}.source", d.source, ("toy", "synthetic", "tfds", "text"))
-  _choice(f"{prefix}.packing", d.packing, ("concat", "first_fit"))
-  _choice(f"{prefix}.long_docs", d.long_docs, ("split", "error"))
+  check_choice(f"{prefix}.source", d.source, ("toy", "synthetic", "tfds", "text"))
+  check_choice(f"{prefix}.packing", d.packing, ("concat", "first_fit"))
+  check_choice(f"{prefix}.long_docs", d.long_docs, ("split", "error"))
   for field in ("workers", "prefetch", "pack_bins", "synthetic_vocab_size"):
     if getattr(d, field) < 0:
       raise ConfigError(f"{prefix}.{field} must be >= 0; got {getattr(d, field)}.")
   if d.source == "toy":
     t = d.toy
-    _choice(f"{prefix}.toy.variant", t.variant, ("all", "first", "last"))
+    check_choice(f"{prefix}.toy.variant", t.variant, ("all", "first", "last"))
     if not 1 <= t.block_len <= 25:
       raise ConfigError(f"{prefix}.toy.block_len={t.block_len} must be in 1..25 (distinct "
                         "lowercase letters, and blocks must be able to miss a query letter).")

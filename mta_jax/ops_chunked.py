@@ -22,7 +22,7 @@ c_q * c_k separate passes over the slab). Head mixing is a plain 2-D matmul per 
 Measurements of the alternatives (including the algebraic "wider attention" rewrite) are in
 docs/BENCHMARKS.md.
 
-Registered names:
+Names in `implementations.IMPLEMENTATIONS`:
   "chunked"          block = 256 rows, at most 4 bands (measured on CPU: blocks of 128-512
                      cost about the same; 4 bands compile ~2x faster than 8 at equal run time)
   "chunked_convxla"  the same blocking, but the conv is `conv_general_dilated` (for comparison;
@@ -319,6 +319,3 @@ def make_chunked(block: int = DEFAULT_BLOCK, conv: str = "shift", bands: int = D
     raise ValueError(f"block must be >= 1; got {block}.")
   return functools.partial(_mta_chunked, block=block, conv=conv, bands=bands)
 
-
-ops.register_implementation("chunked", make_chunked())
-ops.register_implementation("chunked_convxla", make_chunked(conv="xla"))
