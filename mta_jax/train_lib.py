@@ -41,12 +41,11 @@ from mta_jax import config as config_lib
 from mta_jax import data as data_lib
 from mta_jax import flops as flops_lib
 from mta_jax import metrics as metrics_lib
-from mta_jax import optim
+from mta_jax import optim, retrofit
 from mta_jax import sharding
 from mta_jax.config import TrainConfig
+from mta_jax.data.rows import ROW_KEYS
 from mta_jax.model import TransformerLM
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -255,7 +254,7 @@ def jit_eval_step(cfg: TrainConfig, defs: GraphDefs, shardings: TrainState, mesh
 def to_global(local: dict, sharding_: NamedSharding) -> dict:
   """Per-process numpy rows -> global jax.Arrays (rows concatenated over processes)."""
   out = {}
-  for k in BATCH_KEYS:
+  for k in ROW_KEYS:
     x = np.asarray(local[k])
     out[k] = jax.make_array_from_process_local_data(sharding_, x)
   return out
@@ -264,7 +263,7 @@ def to_global(local: dict, sharding_: NamedSharding) -> dict:
 def next_train_batch(it: Iterator, accum: int, sharding_: NamedSharding) -> dict:
   """`accum` batches from the iterator stacked to [accum, rows, T], as global arrays."""
   micro = [next(it) for _ in range(accum)]
-  local = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}
+  local = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in ROW_KEYS}
   return to_global(local, sharding_)
 
 
@@ -307,6 +306,7 @@ def write_config(cfg: TrainConfig, workdir: str) -> str:
 def setup(cfg: TrainConfig) -> Mesh:
   """Validates the config against the devices and processes, then builds the mesh."""
   config_lib.validate(cfg, jax.device_count(), jax.process_count())
+  data_lib.validate_data(cfg)
   return sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
 
 
@@ -339,9 +339,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
     if restored is None:
       state = jax.jit(lambda seed: _build(cfg, seed)[1], out_shardings=shardings)(cfg.seed)
       start = 0
-      if cfg.checkpoint.init_from:  # warm start / MTA retrofit (paper App. I), see export.py
-        from mta_jax import export
-        state = state.replace(params=export.retrofit(cfg.checkpoint.init_from, cfg,
+      if cfg.checkpoint.init_from:  # warm start / MTA retrofit (paper App. I)
+        state = state.replace(params=retrofit.retrofit(cfg.checkpoint.init_from, cfg,
                                                      state.params, shardings.params))
         writer.log(f"initialised parameters from {cfg.checkpoint.init_from}")
     else:
