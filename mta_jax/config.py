@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class AttentionConfig:
-  """What each layer's attention does (MTA_SPEC Sec. 1-6). All off = a plain Transformer."""
+  """What each layer's attention does (docs/MTA.md Sec. 2-8). All off = a plain Transformer."""
   # Key-query convolutions (only on `kq_layers`, see `ModelConfig.kq_layer_indices`).
   pre_conv: bool = False           # Eq. 5, on logits before softmax
   post_conv: bool = False          # Eq. 6, on weights after softmax
@@ -95,7 +95,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class ToyConfig:
-  """The motivating toy task (MTA_SPEC Sec. 10)."""
+  """The motivating toy task (docs/MTA.md Sec. 11; paper Sec. 4.1)."""
   block_len: int = 5               # N letters per block
   n_query: int = 2                 # L query letters
   n_blocks: int = 52
@@ -189,7 +189,7 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Paper presets (MTA_SPEC Sec. 9, Table 7)
+# Paper presets (docs/MTA.md Sec. 10; paper Table 7)
 # ---------------------------------------------------------------------------------------------
 
 PAPER_SIZES = {
@@ -450,9 +450,21 @@ def _validate_optim(o: OptimConfig, steps: int) -> None:
                       f"{total} (optim.decay_steps, or steps when it is 0); lower the warmup.")
 
 
+def per_process_rows(global_rows: int, process_count: int, setting: str) -> int:
+  """Rows one process loads; ConfigError unless the global batch splits evenly."""
+  if global_rows < 1 or global_rows % process_count:
+    raise ConfigError(f"{setting}={global_rows} is not a positive multiple of the "
+                      f"{process_count} processes; each process loads an equal share of the "
+                      "global batch.")
+  return global_rows // process_count
+
+
 def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
              process_count: int = 1) -> None:
   """Rejects a bad TrainConfig before anything is built; every message names the field.
+
+  What needs the data itself (the toy task's sample length, the tokenizer's vocabulary) is
+  checked by `mta_jax.data.validate_data(cfg)`, which `train_lib.setup` runs right after.
 
   Args:
     cfg: the whole configuration.
@@ -483,16 +495,12 @@ def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
   for field in ("every_steps", "keep_last", "keep_every"):
     if getattr(c, field) < 0:
       raise ConfigError(f"checkpoint.{field} must be >= 0; got {getattr(c, field)}.")
-  from mta_jax.data import validate_data  # sources, tokenizer, toy task (imported late: cycle)
-  validate_data(cfg)
-
+  validate_data(d)
   if process_count < 1:
     raise ValueError(f"process_count must be >= 1; got {process_count}.")
   for name, rows in (("data.batch_size", d.batch_size),
                      ("data.eval_batch_size", d.eval_batch_size or d.batch_size)):
-    if rows % process_count:
-      raise ConfigError(f"{name}={rows} is not divisible by the {process_count} processes; "
-                        "each process loads an equal share of the global batch.")
+    per_process_rows(rows, process_count, name)
   if n_devices is None:
     return
   data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, n_devices)
@@ -518,7 +526,8 @@ def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Data settings (static checks; `mta_jax.data.validate_data(cfg)` adds the vocabulary check)
+# Data settings (static checks; `mta_jax.data.validate_data(cfg)` adds the toy task and the
+# vocabulary)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -530,24 +539,6 @@ def validate_data(d: DataConfig, prefix: str = "data") -> None:
   for field in ("workers", "prefetch", "pack_bins", "synthetic_vocab_size"):
     if getattr(d, field) < 0:
       raise ConfigError(f"{prefix}.{field} must be >= 0; got {getattr(d, field)}.")
-  if d.source == "toy":
-    t = d.toy
-    check_choice(f"{prefix}.toy.variant", t.variant, ("all", "first", "last"))
-    if not 1 <= t.block_len <= 25:
-      raise ConfigError(f"{prefix}.toy.block_len={t.block_len} must be in 1..25 (distinct "
-                        "lowercase letters, and blocks must be able to miss a query letter).")
-    if not 1 <= t.n_query <= t.block_len:
-      raise ConfigError(f"{prefix}.toy.n_query={t.n_query} must be in 1..{prefix}.toy.block_len"
-                        f"={t.block_len}.")
-    for field in ("n_blocks", "n_train", "n_test"):
-      if getattr(t, field) < 1:
-        raise ConfigError(f"{prefix}.toy.{field} must be >= 1; got {getattr(t, field)}.")
-    need = (t.n_blocks * (t.block_len + 1) + t.n_query + int(t.answer_sep)
-            + (t.block_len if t.variant == "all" else 1))
-    if d.seq_len < need:
-      raise ConfigError(f"{prefix}.seq_len={d.seq_len} is too short for the toy task: one sample "
-                        f"needs {need} positions; set {prefix}.seq_len >= {need} (or shrink "
-                        f"{prefix}.toy.n_blocks / block_len).")
   if d.source == "tfds" and not d.tfds_name:
     raise ConfigError(f"{prefix}.source='tfds' needs {prefix}.tfds_name (e.g. 'lm1b', prepared "
                       "in array_record format).")
