@@ -102,7 +102,7 @@ class Attention(nnx.Module):
     return any(w is not None for w in (self.kq_pre, self.kq_post, self.mix_pre, self.mix_post))
 
   def project(self, x_BxTxD: Array, positions_BxT: Array) -> tuple[Array, Array, Array]:
-    """q, k, v [B, T, H, hd] with RoPE applied. (A decoding cache appends k, v from here.)"""
+    """q, k, v [B, T, H, hd] with RoPE applied."""
     dt = x_BxTxD.dtype
     q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...].astype(dt))

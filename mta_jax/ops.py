@@ -9,7 +9,7 @@ paper's.
 Shapes use the suffix convention of nanodo: `q_BxTxHxD` is [batch, length, heads, head_dim],
 `s_BxHxTxT` are logits [batch, heads, query, key].
 
-One MTA attention, in order (MTA_SPEC Sec. 4):
+One MTA attention, in order (docs/MTA.md Sec. 2):
 
     S  = q k^T / sqrt(d)                                   scale first
     S  = Mask_0(S)                  (if a pre-softmax op)  invalid logits -> 0
@@ -210,7 +210,7 @@ def attention_dropout(p_BxHxTxT: Array, rate: float, rng: Array | None) -> Array
 
 def _weights_xla(q, k, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
                  segment_ids):
-  """The attention weights A [B, H, T, T] (float32), following MTA_SPEC Sec. 4 line by line."""
+  """The attention weights A [B, H, T, T] (float32), following docs/MTA.md Sec. 2 line by line."""
   _, length, _, head_dim = q.shape
   f32 = jnp.float32
   mask = attention_mask(length, segment_ids)

@@ -1,7 +1,7 @@
 """Memory-efficient exact Multi-Token Attention: query blocks, causal key skipping, remat.
 
 `multi_token_attention(..., implementation="chunked")` computes exactly what the "xla"
-reference in `ops.py` computes (MTA_SPEC Sec. 1-4, 7), without ever holding a [T, T] tensor:
+reference in `ops.py` computes (docs/MTA.md Sec. 2-5), without ever holding a [T, T] tensor:
 
   * Queries are processed in blocks of `block` rows. A block also recomputes the rows its
     convolutions read from above it ("halo"): c_q - 1 logit rows for the pre-softmax conv and
@@ -197,7 +197,7 @@ def _block_mask(row0, rows: int, cols: int, seg_rows, seg_cols):
 def _mta_block(q_blk, k_blk, v_blk, seg_rows, seg_cols, rm_pre, rm_post, kq_pre, kq_post,
                mix_pre, mix_post, rng, *, row0, halo_pre, halo_post, conv, dropout_rate,
                out_dtype):
-  """MTA_SPEC Sec. 4 for query rows [row0 + halo, row0 + rows) against keys [0, cols).
+  """docs/MTA.md Sec. 2 for query rows [row0 + halo, row0 + rows) against keys [0, cols).
 
   q_blk: [B, H, rows, D] (first halo_pre + halo_post rows are the halo), k_blk/v_blk:
   [B, H, cols, D], seg_rows: [B, rows] or None, seg_cols: [B, cols] or None.

@@ -5,8 +5,8 @@
     decay    = 1 - progress (linear, the paper) | (1 + cos(pi * progress)) / 2 (cosine) | 1
 
 where progress = (step - warmup) / (total - warmup), total = optim.decay_steps or cfg.steps and
-min = optim.min_lr_ratio. Paper (MTA_SPEC Sec. 9): lr 1.5e-4, betas (0.9, 0.98), wd 0.05,
-clip 1.0, warmup 375 then linear decay to 0.
+min = optim.min_lr_ratio. Paper (Table 7; docs/MTA.md Sec. 10): lr 1.5e-4, betas (0.9, 0.98),
+wd 0.05, clip 1.0, warmup 375 then linear decay to 0.
 
 Gradient accumulation and the loss live in `train_lib` (the accumulated gradient is exactly the
 big-batch gradient); this module only turns a gradient into an update.

@@ -1,4 +1,4 @@
-"""The reference MTA op against a float64 NumPy loop written from the spec (MTA_SPEC Sec. 1-4, 7)."""
+"""The reference MTA op against a float64 NumPy loop written from docs/MTA.md (Sec. 2-5)."""
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +143,7 @@ def test_no_dependence_across_documents(argnum):
 
 
 def test_packed_row_equals_separate_sequences():
-  """MTA_SPEC Sec. 7: every document of a packed row is computed as if it were alone."""
+  """docs/MTA.md Sec. 4: every document of a packed row is computed as if it were alone."""
   rng = np.random.default_rng(8)
   q, k, v = _qkv(rng, b=1)
   weights = _random_mta_weights(rng)
