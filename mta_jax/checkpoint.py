@@ -386,43 +386,20 @@ class Checkpointer:
     parts = split_train_state(abstract_train_state)
     sh_parts = (split_train_state(shardings) if shardings is not None
                 else {"params": None, "opt_state": None})
-    targets = {k: tree_io.abstract_storable(parts[k], sh_parts[k]) for k in ("params", "opt_state")}
+    targets = {k: tree_io.abstract_storable(parts[k], sh_parts[k])
+               for k in ("params", "opt_state")}
     errors: list[str] = []
     bad: list[int] = []
     for step in steps:
       try:
-        meta = self.read_meta(step)
-        self.check_compatible(step, meta, targets)
+        meta, restored = self._restore_step(step, targets, data_iter)
       except IncompatibleCheckpointError:
         raise  # another model's checkpoint: refuse, never fall back past it
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
         errors.append(self._unreadable(step, e))
         bad.append(step)
         continue
-      same_processes = meta.get("process_count", 1) == jax.process_count()
-      has_iter = (self.directory / str(step) / "data_iter").exists()
-      want_iter = data_iter is not None and same_processes and has_iter
-      args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
-      if want_iter:
-        args["data_iter"] = DataIterRestore()
-      try:
-        restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
-        jax.block_until_ready(restored["params"])
-      except Exception as e:  # noqa: BLE001
-        errors.append(self._unreadable(step, e))
-        bad.append(step)
-        continue
-      meta = dict(meta)
-      meta["data_restarted"] = data_iter is not None and not want_iter
-      if want_iter:
-        data_iter.set_state(restored["data_iter"])
-      elif data_iter is not None:
-        why = (f"was written by {meta.get('process_count')} process(es) and this run has "
-               f"{jax.process_count()}" if not same_processes else "holds no data-iterator state")
-        log.warning(
-            "checkpoint step %d %s: the data iterator position cannot follow. The data stream "
-            "restarts from its beginning (deterministically, from the configured seed); "
-            "examples seen before the checkpoint may be seen again.", step, why)
+      _follow_data_iter(step, meta, restored, data_iter)
       state = _rebuild(abstract_train_state, {
           "params": tree_io.fill(parts["params"], tree_io.flatten(restored["params"])),
           "opt_state": tree_io.fill(parts["opt_state"], tree_io.flatten(restored["opt_state"]))})
@@ -438,6 +415,21 @@ class Checkpointer:
         "\nNothing was moved or deleted. Move the directory away to start fresh, or restore a "
         "good copy.")
 
+  def _restore_step(self, step: int, targets: Mapping[str, dict], data_iter):
+    """(meta, restored items) of `step`; raises if it is unreadable or of another model."""
+    meta = dict(self.read_meta(step))
+    self.check_compatible(step, meta, targets)
+    same_processes = meta.get("process_count", 1) == jax.process_count()
+    has_iter = (self.directory / str(step) / "data_iter").exists()
+    want_iter = data_iter is not None and same_processes and has_iter
+    args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+    if want_iter:
+      args["data_iter"] = DataIterRestore()
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+    jax.block_until_ready(restored["params"])
+    meta["data_restarted"] = data_iter is not None and not want_iter
+    return meta, restored
+
   def _unreadable(self, step: int, e: Exception) -> str:
     first = str(e).splitlines()[0] if str(e) else ""
     msg = f"step {step}: {type(e).__name__}: {first[:300]}"
@@ -451,6 +443,22 @@ class Checkpointer:
     return self._mngr.restore(step, args=ocp.args.Composite(
         **{item: ocp.args.StandardRestore(target)}))[item]
 
+
+
+def _follow_data_iter(step: int, meta: Mapping, restored: Mapping, data_iter) -> None:
+  """Moves `data_iter` to the restored position, or warns that the data stream restarts."""
+  if data_iter is None:
+    return
+  if not meta["data_restarted"]:
+    data_iter.set_state(restored["data_iter"])
+    return
+  same_processes = meta.get("process_count", 1) == jax.process_count()
+  why = (f"was written by {meta.get('process_count')} process(es) and this run has "
+         f"{jax.process_count()}" if not same_processes else "holds no data-iterator state")
+  log.warning(
+      "checkpoint step %d %s: the data iterator position cannot follow. The data stream "
+      "restarts from its beginning (deterministically, from the configured seed); "
+      "examples seen before the checkpoint may be seen again.", step, why)
 
 
 def _rebuild(abstract_train_state, parts: Mapping[str, Any]):

@@ -45,10 +45,6 @@ class AttentionConfig:
   dropout: float = 0.0             # attention-weight dropout, training only
   implementation: str = "chunked"  # "chunked" (exact, O(block x T) memory) | "xla" (reference)
 
-  @property
-  def uses_mta_op(self) -> bool:
-    return self.pre_conv or self.post_conv or self.head_mix_pre or self.head_mix_post
-
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -501,8 +497,13 @@ def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
   for name, rows in (("data.batch_size", d.batch_size),
                      ("data.eval_batch_size", d.eval_batch_size or d.batch_size)):
     per_process_rows(rows, process_count, name)
-  if n_devices is None:
-    return
+  if n_devices is not None:
+    _validate_mesh(cfg, n_devices)
+
+
+def _validate_mesh(cfg: "TrainConfig", n_devices: int) -> None:
+  """The mesh covers `n_devices`, and batches and heads split evenly over its axes."""
+  d = cfg.data
   data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, n_devices)
   dp = data * fsdp
   for name, rows in (("data.batch_size", d.batch_size),

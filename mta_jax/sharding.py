@@ -105,10 +105,5 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
                       is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[batch, length] inputs: rows split over every data-parallel axis."""
-  return NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), None, mesh))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

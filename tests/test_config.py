@@ -156,7 +156,7 @@ def test_toy_configs_validate(arg):
     assert cfg.model.kq_layer_indices() == tuple(range(cfg.model.n_layers))
     assert not (a.head_mix_pre or a.head_mix_post or a.group_norm)
   else:
-    assert not a.uses_mta_op
+    assert not (a.pre_conv or a.post_conv or a.head_mix_pre or a.head_mix_post)
   if arg and "paper" in arg:
     assert (cfg.model.n_layers, cfg.model.n_heads, cfg.model.d_model) == (4, 2, 256)
     assert (cfg.data.toy.n_blocks, cfg.data.batch_size, cfg.steps) == (52, 64, 100_000)
