@@ -56,7 +56,7 @@ _NEG = -1e30  # finite "-inf": masked logits; exp underflows to exactly 0 for ev
 # ---------------------------------------------------------------------------------------------
 
 
-def _shift_conv_fwd_impl(x, kernel, rmask):
+def shift_conv_autodiff(x, kernel, rmask):
   """out[b,h,i,j] = sum_{a,c} kernel[h,a,c] * m[b,s_a,i] * x[b,h,i+a,j+c-half].
 
   x: [B, H, R + c_q - 1, C] (the first c_q - 1 rows are the halo), kernel: [H, c_q, c_k],
@@ -82,12 +82,12 @@ def _shift_conv_fwd_impl(x, kernel, rmask):
 
 @jax.custom_vjp
 def shift_conv(x: Array, kernel: Array, rmask: Array | None) -> Array:
-  """Depthwise key-query conv of a row block (see `_shift_conv_fwd_impl`), fast VJP."""
-  return _shift_conv_fwd_impl(x, kernel, rmask)
+  """Depthwise key-query conv of a row block (see `shift_conv_autodiff`), fast VJP."""
+  return shift_conv_autodiff(x, kernel, rmask)
 
 
 def _shift_conv_fwd(x, kernel, rmask):
-  return _shift_conv_fwd_impl(x, kernel, rmask), (x, kernel, rmask)
+  return shift_conv_autodiff(x, kernel, rmask), (x, kernel, rmask)
 
 
 def _shift_conv_bwd(res, g):

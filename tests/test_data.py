@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import tiny_mta
 from mta_jax import config, train_lib
-from mta_jax.config import (AttentionConfig, ConfigError, DataConfig, ModelConfig,
-                            TrainConfig)
+from mta_jax.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from mta_jax.data import (check_vocab, make_eval_batches, make_train_iterator, prepare,
                           sources, text_pipeline, tokenizer, validate_data, vocab_size)
 
@@ -451,9 +451,7 @@ def test_to_global():
 
 # --- the document-aware MTA contract (docs/MTA.md Sec. 4) ---------------------------------------
 
-FULL_MTA = AttentionConfig(pre_conv=True, post_conv=True, c_q=3, c_k=5, post_c_q=2, post_c_k=3,
-                           kq_layers=(0, 1), head_mix_pre=True, head_mix_post=True, c_h=2,
-                           group_norm=True)
+FULL_MTA = tiny_mta.attention(c_q=3, c_k=5, kq_layers=(0, 1))
 
 
 def test_model_on_packed_rows_equals_separate_documents(corpus):

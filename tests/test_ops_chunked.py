@@ -142,7 +142,7 @@ def test_shift_conv_vjp_matches_autodiff_with_row_masks():
   m = (rng.random(size=(2, 5, 5)) < 0.7).astype(np.float32)
   g = rng.normal(size=(2, 3, 5, 7)).astype(np.float32)
   _, vjp = jax.vjp(ops_chunked.shift_conv, x, w, m)
-  _, vjp_ref = jax.vjp(ops_chunked._shift_conv_fwd_impl, x, w, m)
+  _, vjp_ref = jax.vjp(ops_chunked.shift_conv_autodiff, x, w, m)
   for got, want in zip(vjp(g)[:2], vjp_ref(g)[:2]):
     _assert_close(got, want, GRAD_TOL)
   _assert_close(ops_chunked.xla_conv(x, w, m), ops_chunked.shift_conv(x, w, m), FWD_TOL)
