@@ -255,8 +255,8 @@ def attention_weights(q: Array, k: Array, *, kq_kernel_pre: Array | None = None,
                       segment_ids: Array | None = None) -> Array:
   """The MTA attention weights A [batch, heads, query, key] in float32 (for analysis and plots).
 
-  Same arguments and semantics as `implementations.multi_token_attention` (without v and dropout); rows need
-  not sum to 1 when a post-softmax op is present.
+  Same arguments and semantics as `implementations.multi_token_attention` (without v and
+  dropout); rows need not sum to 1 when a post-softmax op is present.
   """
   check_mta_args(q, k, k, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
   return jax.jit(_weights_xla)(q, k, kq_kernel_pre=kq_kernel_pre, kq_kernel_post=kq_kernel_post,
