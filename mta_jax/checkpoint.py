@@ -69,6 +69,7 @@ FORMAT_VERSION = 1
 ITEMS = ("params", "opt_state", "data_iter", "meta")
 CHECKPOINT_SUBDIR = "checkpoints"
 
+
 class CheckpointError(RuntimeError):
   """A checkpoint could not be used; the message names the path and what to do."""
 
