@@ -34,6 +34,7 @@ def _checkout(dest) -> str:
         os.makedirs(os.path.join(dest, os.path.dirname(f)), exist_ok=True)
         shutil.copy2(src, os.path.join(dest, f))
   else:
+    os.makedirs(dest, exist_ok=True)
     for f in ("train.py", "configs", "mta_jax"):
       src = os.path.join(ROOT, f)
       (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(dest, f))
