@@ -98,12 +98,13 @@ def _pallas_interpret_check(args, ct) -> dict:
   """Off TPU: max |pallas - chunked| over the output and every gradient (no timing)."""
   import jax
   import jax.numpy as jnp
-  from mta_jax import ops
+  from mta_jax import implementations
 
   def grads(impl):
     def loss(q, k, v, kp, kpo, mp, mpo):
-      out = ops.multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
-                                      head_mix_pre=mp, head_mix_post=mpo, implementation=impl)
+      out = implementations.multi_token_attention(
+          q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo, head_mix_pre=mp, head_mix_post=mpo,
+          implementation=impl)
       return jnp.vdot(out.astype(jnp.float32), ct), out
     return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(*args)
 
@@ -118,7 +119,7 @@ def _pallas_interpret_check(args, ct) -> dict:
 def worker(cfg: dict) -> dict:
   import jax
   import jax.numpy as jnp
-  from mta_jax import ops
+  from mta_jax import implementations, ops
 
   t, batch, impl = cfg["t"], cfg["batch"], cfg["impl"]
   keys = jax.random.split(jax.random.PRNGKey(0), 8)
@@ -147,8 +148,9 @@ def worker(cfg: dict) -> dict:
     loss = lambda q, k, v, *_: _splash_loss(q, k, v, ct)
   else:
     def loss(q, k, v, kp, kpo, mp, mpo):
-      out = ops.multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
-                                      head_mix_pre=mp, head_mix_post=mpo, implementation=impl)
+      out = implementations.multi_token_attention(
+          q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo, head_mix_pre=mp, head_mix_post=mpo,
+          implementation=impl)
       return jnp.vdot(out.astype(jnp.float32), ct)
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6)))
   res = common.measure(step, (q, k, v, kp, kpo, mp, mpo), cfg["repeats"], cfg["mem_budget_gib"])
@@ -161,7 +163,7 @@ def main() -> None:
   p.add_argument("--lengths", default="512,1024,2048,4096,8192")
   p.add_argument("--impls", default="softmax,chunked,xla",
                  help="softmax, splash (TPU), cudnn (GPU) and any name in "
-                      "mta_jax.ops.implementations()")
+                      "mta_jax.implementations.IMPLEMENTATIONS")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="q, k, v dtype (cudnn needs bfloat16)")
   p.add_argument("--baseline", default="softmax", help="the row the ratios divide by")

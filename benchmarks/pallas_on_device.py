@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mta_jax import ops  # noqa: E402
+from mta_jax import implementations  # noqa: E402
 
 TOL = 1e-4
 HEADS, HEAD_DIM = 8, 128
@@ -58,8 +58,8 @@ def _fwd_grads(impl, qkv, w, seg, ct):
   names = [n for n, x in w.items() if x is not None]
 
   def loss(q, k, v, *ws):
-    out = ops.multi_token_attention(q, k, v, segment_ids=seg, implementation=impl,
-                                    **dict(zip(names, ws)))
+    out = implementations.multi_token_attention(q, k, v, segment_ids=seg, implementation=impl,
+                                                **dict(zip(names, ws)))
     return jnp.vdot(out, ct), out
 
   fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(3 + len(names))), has_aux=True))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mta_jax import ops
+from mta_jax import implementations, ops
 from mta_jax.config import ModelConfig
 from mta_jax.layers import INIT_STD, normal, ones, param, rms_norm, zeros, apply_rope
 from mta_jax.sharding import constrain, logical_to_spec
@@ -125,7 +125,7 @@ class Attention(nnx.Module):
     return any(w is not None for w in (self.kq_pre, self.kq_post, self.mix_pre, self.mix_post))
 
   def project(self, x_BxTxD: Array, positions_BxT: Array) -> tuple[Array, Array, Array]:
-    """q, k, v [B, T, H, hd] with RoPE applied. (A decoding cache appends k, v from here.)"""
+    """q, k, v [B, T, H, hd] with RoPE applied."""
     dt = x_BxTxD.dtype
     q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...].astype(dt))
@@ -147,7 +147,7 @@ class Attention(nnx.Module):
     weights = (get(self.kq_pre), get(self.kq_post), get(self.mix_pre), get(self.mix_post))
 
     def op(q, k, v, kq_pre, kq_post, mix_pre, mix_post, seg):
-      return ops.multi_token_attention(
+      return implementations.multi_token_attention(
           q, k, v, kq_kernel_pre=kq_pre, kq_kernel_post=kq_post, head_mix_pre=mix_pre,
           head_mix_post=mix_post, segment_ids=seg, implementation=a.implementation,
           dropout_rate=rate, dropout_rng=dropout_rng)

@@ -48,7 +48,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mta_jax import ops
 from mta_jax import ops_chunked
 from mta_jax import pallas_kernel as pk
 
@@ -271,5 +270,3 @@ def make_pallas(block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
       raise ValueError(f"{name} must be a positive multiple of 8; got {b}.")
   return functools.partial(_mta_pallas, block_q=block_q, block_k=block_k)
 
-
-ops.register_implementation("pallas", make_pallas())

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mta_jax import ops
-from mta_jax import ops_pallas
+from mta_jax import implementations, ops_pallas
+from mta_jax.implementations import multi_token_attention
 from mta_numpy import mta_numpy
 from test_ops_chunked import (FWD_TOL, GRAD_TOL, H, _assert_close, _fwd_and_grads, _inputs,
                               _segments)
@@ -27,7 +27,7 @@ from test_ops_chunked import (FWD_TOL, GRAD_TOL, H, _assert_close, _fwd_and_grad
 @functools.lru_cache(maxsize=None)
 def _register(block_q, block_k):
   name = f"pallas_test_{block_q}x{block_k}"
-  ops.register_implementation(name, ops_pallas.make_pallas(block_q=block_q, block_k=block_k))
+  implementations.IMPLEMENTATIONS[name] = ops_pallas.make_pallas(block_q=block_q, block_k=block_k)
   return name
 
 
@@ -73,11 +73,11 @@ def test_uneven_blocks_and_default_name_match_numpy_loop():
   seg = np.array([[1] * 6 + [2] * 3 + [3] * 11, [5] * 20], np.int32)
   want = mta_numpy(q, k, v, kp, kpo, mp, mpo, seg=seg)
   for name in (_register(16, 8), "pallas"):
-    got = ops.multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
-                                    head_mix_post=mpo, head_mix_pre=mp, segment_ids=seg,
-                                    implementation=name)
+    got = multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
+                                head_mix_post=mpo, head_mix_pre=mp, segment_ids=seg,
+                                implementation=name)
     _assert_close(got, want, FWD_TOL)
-  assert "pallas" in ops.implementations()
+  assert "pallas" in implementations.names()
 
 
 def test_bfloat16_inputs_as_accurate_as_the_reference():
@@ -90,7 +90,7 @@ def test_bfloat16_inputs_as_accurate_as_the_reference():
   seg = _segments(rng, 1, 18)
   qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
   want = mta_numpy(*(np.asarray(x, np.float32) for x in (qb, kb, vb)), kp, kpo, mp, mpo, seg=seg)
-  run = lambda name: np.asarray(ops.multi_token_attention(
+  run = lambda name: np.asarray(multi_token_attention(
       qb, kb, vb, kq_kernel_pre=kp, kq_kernel_post=kpo, head_mix_pre=mp, head_mix_post=mpo,
       segment_ids=seg, implementation=name), np.float64)
   got, ref = run(_register(8, 8)), run("xla")
@@ -103,7 +103,7 @@ def test_bfloat16_inputs_as_accurate_as_the_reference():
 def test_dropout_and_bad_blocks_raise():
   (q, k, v), _, _ = _inputs(1, 1, 8, None, None, 1, None)
   with pytest.raises(ValueError, match="no attention dropout"):
-    ops.multi_token_attention(q, k, v, implementation="pallas", dropout_rate=0.1,
+    multi_token_attention(q, k, v, implementation="pallas", dropout_rate=0.1,
                               dropout_rng=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="multiple of 8"):
     ops_pallas.make_pallas(block_q=12)
@@ -130,9 +130,9 @@ def _tpu_compile(topology: str, length: int, with_grad: bool):
   seg = sds((len(devices), length), P("data"), jnp.int32)
 
   def local(q, k, v, kp, kpo, mp, mpo, seg):
-    return ops.multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
-                                     head_mix_pre=mp, head_mix_post=mpo, segment_ids=seg,
-                                     implementation="pallas")
+    return multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
+                                 head_mix_pre=mp, head_mix_post=mpo, segment_ids=seg,
+                                 implementation="pallas")
 
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 3 + (P(),) * 4 + (P("data"),),
                           out_specs=P("data"), check_vma=False)
