@@ -5,7 +5,7 @@
     python benchmarks/bench_op.py --lengths 2048 --impls softmax,chunked
     python benchmarks/bench_op.py --impls splash,pallas,chunked --dtype bfloat16   # on a TPU
     python benchmarks/bench_op.py --impls cudnn,chunked --dtype bfloat16           # on a GPU
-    python benchmarks/bench_op.py --lengths 24 --impls pallas       # CPU: correctness check only
+    python benchmarks/bench_op.py --lengths 24 --impls pallas --c-h 4   # CPU: correctness only
 
 Baselines: "softmax" (`jax.nn.dot_product_attention`, XLA), "splash" (the Pallas splash
 attention kernel, TPU only), "cudnn" (cuDNN flash attention, NVIDIA GPUs, bf16/fp16 only).
