@@ -4,7 +4,7 @@ One program = (batch row b, head group g, query block i, key block j); j is the 
 sequential grid axis. A program reads a query window (block_q rows plus the conv row halos
 above), a key window (block_k columns plus the conv column halos on both sides), the value
 block, segment-id windows and the conv / mixing weights (scalars in SMEM), and computes on it
-exactly MTA_SPEC Sec. 4 restricted to its tile (see ops.py for the order of the stages):
+exactly the op of docs/MTA.md restricted to its tile (the order of the stages is that of ops.py):
 
     S = QK^T / sqrt(d) -> Mask_0 -> pre conv -> pre mix -> Mask_-inf         (`_pre_logits`)
     A = softmax(S)     (online over key blocks, or exp(S - lse) with lse from pass 1)
@@ -47,7 +47,7 @@ def _valid(plan, row0, rows, col0, cols, seg_rows, seg_cols):
 
 
 def _conv(xs, w_ref, head0, c_q, c_k, out_rows, out_cols, seg_rows):
-  """Depthwise key-query conv of per-head tiles (a cross-correlation, MTA_SPEC Sec. 2).
+  """Depthwise key-query conv of per-head tiles (a cross-correlation, docs/MTA.md).
 
   xs: per-head [out_rows + c_q - 1, >= out_cols + c_k - 1] tiles whose (0, 0) is the tap
   [0, 0] of output (0, 0); w_ref: the flat [heads * c_q * c_k] kernel in SMEM; head0: the
