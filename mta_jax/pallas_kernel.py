@@ -31,7 +31,9 @@ NEG = -1e30  # finite "-inf" for masked logits: exp(NEG - m) is exactly 0 for ev
 
 
 def _dot(a, b, contract):
-  prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  # Explicit DEFAULT for bf16: a global "highest" matmul precision would ask Mosaic for an fp32
+  # contraction of bf16 operands, which it rejects.
+  prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
   return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32,
                              precision=prec)
 
