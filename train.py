@@ -139,15 +139,36 @@ def main(argv):
   paths.resolve_config_paths(cfg)
   if _MODE.value != "count_params":
     _maybe_initialize_distributed()
+  from mta_jax import faults, lease
   from mta_jax.config import ConfigError
+  faults.install_thread_hook()
+  workdir = _workdir(cfg)
   try:
-    MODES[_MODE.value](cfg, _workdir(cfg))
+    MODES[_MODE.value](cfg, workdir)
   except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except FloatingPointError as e:  # train_lib.NonFiniteLossError: NaN / inf loss
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
+    _exit(f"config error: {e}", 2)
+  except lease.WorkdirBusyError as e:  # another run holds the workdir
+    _exit(f"error: {e}", 2)
+  except FloatingPointError as e:  # train_lib.NonFiniteLossError: NaN / inf loss or params
+    _exit(f"error: {e}", 3)
+  except lease.LeaseLostError as e:
+    _exit(f"error: {e}", 1)
+  except KeyboardInterrupt:
+    _exit("error: interrupted (Ctrl-C) without saving the current step; the latest complete "
+          f"checkpoint is step {faults.latest_checkpoint_step(workdir)}.", 130)
+  except Exception as e:  # noqa: BLE001 - storage faults become one line, the rest re-raise
+    line = faults.describe(e, workdir)
+    if line is None:
+      raise
+    _exit(f"error: {line}", 1)
+
+
+def _exit(message: str, status: int):
+  """Print the one-line error and leave without running atexit hooks of libraries that would
+  retry the failed writes (each with its own traceback); our files are closed already."""
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)
 
 
 def _parse_flags(argv):

@@ -36,6 +36,7 @@ import dataclasses
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from typing import Any, Iterable, Mapping
@@ -47,6 +48,7 @@ from etils import epath
 from flax import nnx
 
 from mta_jax import config as config_lib
+from mta_jax import faults
 from mta_jax import paths
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ class _QuietOrbax(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietOrbax())
+# A failed background save is re-raised to the caller: log it as one line, not a traceback.
+logging.getLogger("absl").addFilter(faults.LibraryFaults("orbax", "checkpoint save"))
 
 FORMAT_VERSION = 1
 ITEMS = ("params", "opt_state", "data_iter", "meta")
@@ -194,7 +198,10 @@ class DataIterHandler(ocp.CheckpointHandler):
     else:
       record = {"encoding": "json", "state": state}
     path = _process_file(directory, jax.process_index(), jax.process_count())
-    path.write_text(json.dumps(record, indent=1))
+    try:
+      path.write_text(json.dumps(record, indent=1))
+    except OSError as e:  # name the file: a bare write error (e.g. disk full) carries no path
+      raise OSError(e.errno, e.strerror, str(path)) from e
 
   def restore(self, directory: epath.Path, args: "DataIterRestore" = None):
     path = _process_file(directory, jax.process_index(), jax.process_count())
@@ -405,18 +412,27 @@ class Checkpointer:
     self._stop_at: int | None = None
     self._closed = False
     atexit.register(self._finish_at_exit)  # an exception in the loop still completes saves
-    self._prev_handler = None
+    self._prev_handlers: dict = {}
     if (install_signal_handler and not read_only and jax.process_count() == 1
         and threading.current_thread() is threading.main_thread()):
       # Multi-process runs rely on JAX's preemption sync point instead (see should_stop).
-      self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
 
   # -- signals ----------------------------------------------------------------------------------
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
+  def _on_signal(self, signum, frame):
+    """SIGTERM and a first Ctrl-C (SIGINT): save at the next step boundary, then exit.
+    A second Ctrl-C aborts at once (KeyboardInterrupt) without saving."""
+    del frame
+    if signum == signal.SIGINT and self._stop_requested:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt("second Ctrl-C: aborted without saving")
     self._stop_requested = True
-    log.warning("SIGTERM received: saving at the next step boundary, then exiting.")
+    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+    extra = " Press Ctrl-C again to abort without saving." if signum == signal.SIGINT else ""
+    print(f"{name} received: saving at the next step boundary, then exiting.{extra}",
+          file=sys.stderr, flush=True)
 
   def request_stop(self) -> None:
     """What SIGTERM does: save at the next `maybe_save` and make `should_stop` true."""
@@ -478,11 +494,22 @@ class Checkpointer:
       log.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
 
+  def wants_save(self, step: int) -> bool:
+    """True when `maybe_save` would save `step` (interval policy or a requested stop)."""
+    step = int(step)
+    if step in self._mngr.all_steps():
+      return False
+    return self.should_stop(step) or self._mngr.should_save(step)
+
   def maybe_save(self, step: int, train_state, data_iter=None,
                  meta: Mapping | None = None) -> bool:
     """Save when the interval policy says so, or when a stop was requested (SIGTERM)."""
     stop = self.should_stop(step)
     return self.save(step, train_state, data_iter, meta, force=stop)
+
+  def check_for_errors(self) -> None:
+    """Raise now the error of a failed background save (e.g. disk full), not at the next save."""
+    self._mngr.check_for_errors()
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -499,9 +526,9 @@ class Checkpointer:
     atexit.unregister(self._finish_at_exit)
     self._mngr.wait_until_finished()
     self._mngr.close()
-    if self._prev_handler is not None:
-      signal.signal(signal.SIGTERM, self._prev_handler)
-      self._prev_handler = None
+    for sig, handler in self._prev_handlers.items():
+      signal.signal(sig, handler)
+    self._prev_handlers = {}
 
   def __enter__(self):
     return self
@@ -531,6 +558,9 @@ class Checkpointer:
                                                  flatten(target), item))
 
   def _quarantine(self, step: int) -> None:
+    """Move an unreadable checkpoint aside (training only: eval and export change nothing)."""
+    if self.read_only:
+      return
     if jax.process_index() == 0:
       src = self.directory / str(step)
       dst = self.directory / f"unreadable.{step}.{int(time.time())}"
