@@ -130,6 +130,8 @@ class DataConfig:
   pack_bins: int = 0               # first_fit: rows filled at once; 0 -> rows per process batch
   long_docs: str = "split"         # first_fit: documents longer than seq_len: "split" | "error"
   synthetic_vocab_size: int = 0    # source "synthetic": token range; 0 -> model.vocab_size
+  shuffle_window: int = 0          # real text: shuffle packed training rows in windows of this
+                                   # many rows (mixes long documents; memory grows with it); 0 = off
 
 
 @dataclasses.dataclass
@@ -448,7 +450,7 @@ def validate_data(d: DataConfig, prefix: str = "data") -> None:
   _choice(f"{prefix}.source", d.source, ("toy", "synthetic", "tfds", "text"))
   _choice(f"{prefix}.packing", d.packing, ("concat", "first_fit"))
   _choice(f"{prefix}.long_docs", d.long_docs, ("split", "error"))
-  for field in ("workers", "prefetch", "pack_bins", "synthetic_vocab_size"):
+  for field in ("workers", "prefetch", "pack_bins", "synthetic_vocab_size", "shuffle_window"):
     if getattr(d, field) < 0:
       raise ConfigError(f"{prefix}.{field} must be >= 0; got {getattr(d, field)}.")
   if d.source == "toy":

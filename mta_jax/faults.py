@@ -159,7 +159,17 @@ class LibraryFaults(logging.Filter):
 
 
 def install_thread_hook() -> None:
-  """A failing background thread prints one line instead of a traceback."""
+  """A failing background thread prints one line instead of a traceback; so do the callbacks
+  that TensorStore runs on Orbax's event loop after a failed save closed it (they reach
+  `sys.excepthook` as "Event loop is closed", once per pending write)."""
+  previous = sys.excepthook
+
+  def excepthook(exc_type, exc, tb):
+    if exc_type is RuntimeError and "Event loop is closed" in str(exc):
+      return  # the aftermath of a failed background save, which is reported by itself
+    previous(exc_type, exc, tb)
+
+  sys.excepthook = excepthook
 
   def hook(args):
     if args.exc_type is SystemExit:

@@ -1,0 +1,120 @@
+"""Faults through the real entry point (`python train.py`), in subprocesses: a job launched twice
+on one workdir, Ctrl-C, kill -9 and resume, a full disk (a tiny tmpfs), an unwritable and a
+vanished workdir. Each must end in one clear line, lose nothing already saved, and leave clean
+records (metrics.jsonl with every step once, one TensorBoard run).
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mta_jax import lease as lease_lib
+from mta_jax import metrics
+from tests.test_checkpoint_train import ROOT, _cmd, _env, _start_and_wait
+
+
+def _ckpt_steps(workdir) -> list[int]:
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _train_steps(workdir) -> list[int]:
+  return [r["step"] for r in metrics.read_records(os.path.join(workdir, "metrics.jsonl"))
+          if r["split"] == "train"]
+
+
+def _tb_events(workdir) -> list[tuple[str, list]]:
+  """(file, [(step, kind)]) per event file; kind 'start' for a purge marker, else the tags."""
+  from tensorboardX.proto.event_pb2 import Event, SessionLog
+  out = []
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events*"))):
+    events = []
+    with open(path, "rb") as f:
+      data = f.read()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("Q", data[i:i + 8])
+      e = Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      if e.session_log.status == SessionLog.START:
+        events.append((e.step, "start"))
+      elif e.summary.value:
+        events.append((e.step, e.summary.value[0].tag))
+    out.append((path, events))
+  return out
+
+
+def _lines(text: str) -> list[str]:
+  return [l for l in text.splitlines() if l.strip()]
+
+
+def test_second_launch_refused_ctrl_c_saves_and_resume_keeps_one_record_per_step(tmp_path):
+  """A job launched twice: the second exits at once naming the first. Ctrl-C stops the first
+  with a save. The resumed run finishes with each step once in metrics.jsonl and TensorBoard
+  purging the replayed steps."""
+  workdir = str(tmp_path / "run")
+  cmd = _cmd(workdir, every_steps=1000, steps=100_000)  # runs until Ctrl-C
+  first = _start_and_wait(cmd, workdir, 5)
+  second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert second.returncode == 2, second.stderr[-2000:]
+  err = _lines(second.stderr)
+  assert err[-1].startswith("error: the workdir") and f"pid {first.pid} on host" in err[-1]
+  assert "Traceback" not in second.stderr
+  first.send_signal(signal.SIGINT)
+  out, _ = first.communicate(timeout=120)
+  assert first.returncode == 0, out[-3000:]
+  assert "Ctrl-C (SIGINT) received: saving" in out and "stop requested" in out
+  stopped = max(_train_steps(workdir))
+  assert _ckpt_steps(workdir) == [stopped]
+  assert f"last eval was at step" not in out  # no eval ran: nothing stale is reported
+  assert not os.path.exists(os.path.join(workdir, lease_lib.LEASE_NAME))
+  # Records written after the checkpoint (as a kill between save and exit would leave them).
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": stopped + 1, "split": "train", "loss": 9.0}) + "\n{\"st")
+  end = stopped + 5
+  p = subprocess.run(_cmd(workdir, every_steps=1000, steps=end), cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=240)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert f"dropped 1 record(s) after step {stopped}" in p.stdout
+  assert _train_steps(workdir) == list(range(1, end + 1))
+  assert f"final eval (step {end})" in p.stdout
+  files = _tb_events(workdir)
+  assert len(files) == 2
+  assert files[1][1][0] == (stopped + 1, "start")  # TensorBoard drops steps > stopped of file 1
+
+
+def _tmpfs_available() -> bool:
+  if not shutil.which("unshare"):
+    return False
+  r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                     capture_output=True)
+  return r.returncode == 0
+
+
+@pytest.mark.skipif(not _tmpfs_available(), reason="needs `unshare -rm` to mount a tmpfs")
+def test_disk_full_ends_in_one_line_naming_cause_and_path(tmp_path):
+  """The workdir is on a 400 KiB tmpfs (private mount namespace): the first checkpoint or a
+  later one does not fit."""
+  mnt = tmp_path / "mnt"
+  mnt.mkdir()
+  workdir = str(mnt / "run")
+  cmd = " ".join(f"'{c}'" for c in _cmd(workdir, every_steps=10, steps=400))
+  p = subprocess.run(["unshare", "-rm", "sh", "-c",
+                      f"mount -t tmpfs -o size=400k tmpfs '{mnt}' && {cmd}; echo rc=$?; "
+                      f"ls '{workdir}/checkpoints'"],
+                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert "rc=1" in p.stdout, (p.stdout[-2000:], p.stderr[-3000:])
+  err = [l for l in _lines(p.stderr) if not l.startswith("I")]  # absl INFO lines
+  assert len(err) <= 4, p.stderr  # one Orbax line, maybe a TensorBoard warning, the error
+  for line in (err[0], err[-1]):
+    assert "disk full (ENOSPC) at " + workdir in line, p.stderr
+  assert err[-1].startswith("error: ")
+  assert "Traceback" not in p.stderr
