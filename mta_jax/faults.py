@@ -161,15 +161,16 @@ class LibraryFaults(logging.Filter):
 def install_thread_hook() -> None:
   """A failing background thread prints one line instead of a traceback; so do the callbacks
   that TensorStore runs on Orbax's event loop after a failed save closed it (they reach
-  `sys.excepthook` as "Event loop is closed", once per pending write)."""
-  previous = sys.excepthook
+  `sys.unraisablehook` as "Event loop is closed", once per pending write)."""
+  previous = sys.unraisablehook
 
-  def excepthook(exc_type, exc, tb):
-    if exc_type is RuntimeError and "Event loop is closed" in str(exc):
+  def unraisablehook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
       return  # the aftermath of a failed background save, which is reported by itself
-    previous(exc_type, exc, tb)
+    previous(unraisable)
 
-  sys.excepthook = excepthook
+  sys.unraisablehook = unraisablehook
 
   def hook(args):
     if args.exc_type is SystemExit:
