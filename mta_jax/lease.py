@@ -92,11 +92,12 @@ class WorkdirLease:
 
   def __init__(self, workdir, *, heartbeat_s: float = HEARTBEAT_S,
                stale_after_s: float = STALE_AFTER_S, settle_s: float = 1.0,
-               command: str = ""):
+               check_s: float = 5.0, command: str = ""):
     self.workdir = epath.Path(paths.resolve(workdir))
     self.path = self.workdir / LEASE_NAME
     self.local = not paths.is_uri(str(self.workdir))
     self.heartbeat_s, self.stale_after_s, self.settle_s = heartbeat_s, stale_after_s, settle_s
+    self.check_s, self._checked = check_s, time.time()
     self.host = socket.gethostname()
     self.pid = os.getpid()
     self.token = uuid.uuid4().hex
@@ -221,7 +222,7 @@ class WorkdirLease:
     """Check the lease is still ours and push its heartbeat; marks it lost otherwise."""
     rec = self.read()
     if rec is None:
-      self.lost = (f"the lease file {self.path} vanished (was the workdir deleted or moved?)")
+      self.lost = f"the lease file {self.path} vanished (was the workdir deleted or moved?)"
     elif rec and rec.get("token") != self.token:
       self.lost = f"the lease {self.path} was taken by {describe(rec)}"
     if self.lost:
@@ -236,7 +237,16 @@ class WorkdirLease:
       self.path.write_text(self._record())
 
   def check(self) -> None:
-    """Raise LeaseLostError if the heartbeat found the lease gone or taken."""
+    """Raise LeaseLostError if the lease is gone or taken (found by the heartbeat, or by a
+    read of the lease file here at most every `check_s` seconds)."""
+    now = time.time()
+    if not self.lost and self.held and now - self._checked > self.check_s:
+      self._checked = now
+      rec = self.read()
+      if rec is None:
+        self.lost = f"the lease file {self.path} vanished (was the workdir deleted or moved?)"
+      elif rec and rec.get("token") != self.token:
+        self.lost = f"the lease {self.path} was taken by {describe(rec)}"
     if self.lost:
       raise LeaseLostError(f"{self.lost}; stopping so two runs never write one workdir.")
 

@@ -118,3 +118,41 @@ def test_disk_full_ends_in_one_line_naming_cause_and_path(tmp_path):
     assert "disk full (ENOSPC) at " + workdir in line, p.stderr
   assert err[-1].startswith("error: ")
   assert "Traceback" not in p.stderr
+
+
+def _without_permission_override() -> list[str]:
+  """A command prefix under which root obeys file permissions (drops CAP_DAC_OVERRIDE), or []
+  when not root; None if that is impossible here."""
+  if os.geteuid() != 0:
+    return []
+  if not shutil.which("setpriv"):
+    return None
+  return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+@pytest.mark.skipif(_without_permission_override() is None,
+                    reason="root without setpriv ignores file permissions")
+def test_unwritable_workdir_is_one_line(tmp_path):
+  parent = tmp_path / "ro"
+  parent.mkdir()
+  os.chmod(parent, 0o555)
+  workdir = str(parent / "run")
+  p = subprocess.run(_without_permission_override() + _cmd(workdir), cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=240)
+  assert p.returncode == 1, p.stderr[-3000:]
+  err = _lines(p.stderr)
+  assert err[-1].startswith(f"error: permission denied (EACCES) at {workdir}"), p.stderr
+  assert "Traceback" not in p.stderr
+  assert os.listdir(parent) == []
+
+
+@pytest.mark.slow
+def test_deleted_workdir_stops_the_run_in_one_line(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _start_and_wait(_cmd(workdir, every_steps=1000, steps=100_000), workdir, 3)
+  shutil.rmtree(workdir)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 1, out[-3000:]
+  last = _lines(out)[-1]
+  assert last.startswith("error: the lease file") and "vanished" in last, out[-2000:]
+  assert "Traceback" not in out

@@ -107,3 +107,11 @@ def test_concurrent_acquires_have_exactly_one_winner(tmp_path):
                             stdout=subprocess.PIPE, text=True) for _ in range(6)]
   outs = [p.communicate(timeout=60)[0].strip() for p in procs]
   assert sorted(outs) == ["busy"] * 5 + ["won"], outs
+
+
+def test_check_reads_the_lease_between_heartbeats(tmp_path):
+  with lease_lib.WorkdirLease(tmp_path, heartbeat_s=3600, check_s=0.0) as held:
+    held.check()
+    (tmp_path / lease_lib.LEASE_NAME).unlink()
+    with pytest.raises(lease_lib.LeaseLostError, match="vanished"):
+      held.check()
