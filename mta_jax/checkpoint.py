@@ -47,6 +47,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from mta_jax import ckpt_integrity
 from mta_jax import config as config_lib
 from mta_jax import faults
 from mta_jax import paths
@@ -331,13 +332,14 @@ def tree_shape_diff(stored: Mapping[tuple[str, ...], Any],
   return diffs
 
 
-def _raise_incompatible(where: str, diffs: list[str], hint: str = "") -> None:
+def _raise_incompatible(where: str, diffs: list[str], hint: str = "",
+                        what: str = "the current model") -> None:
   if not diffs:
     return
   shown = "\n  ".join(diffs[:20])
   more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
   raise IncompatibleCheckpointError(
-      f"checkpoint at {where} does not fit the current model:\n  {shown}{more}\n"
+      f"checkpoint at {where} does not fit {what}:\n  {shown}{more}\n"
       f"{hint or 'Use the config the checkpoint was written with, or a fresh workdir.'}")
 
 
@@ -399,6 +401,9 @@ class Checkpointer:
         save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
         enable_async_checkpointing=self.ccfg.async_save,
+        # Checksums are written by Orbax's background thread once a save is finalised.
+        async_options=(ocp.AsyncOptions(post_finalization_callback=self._after_async_save)
+                       if self.ccfg.async_save and not read_only else None),
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
         create=not read_only)
@@ -408,6 +413,9 @@ class Checkpointer:
                        "opt_state": ocp.StandardCheckpointHandler(),
                        "data_iter": DataIterHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
+    self._data_sig: dict | None = None
+    self._to_hash: list[int] = []  # saved steps whose checksums are not written yet (FIFO)
+    self._hash_lock = threading.Lock()
     self._stop_requested = False
     self._stop_at: int | None = None
     self._closed = False
@@ -469,6 +477,7 @@ class Checkpointer:
         format_version=FORMAT_VERSION, step=int(step),
         config=config_lib.to_dict(self.cfg),
         tokenizer=self.cfg.data.tokenizer or None,
+        data_signature=self._data_signature(),
         process_count=jax.process_count(), device_count=jax.device_count(),
         saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return json.loads(json.dumps(out, default=_json_default))
@@ -489,10 +498,57 @@ class Checkpointer:
     state = _iter_state(data_iter)
     if state is not None:
       items["data_iter"] = DataIterSave(state)
+    with self._hash_lock:
+      self._to_hash.append(step)  # before the save: its background callback may come at once
     saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
-    if saved:
+    if not saved:
+      with self._hash_lock:
+        self._to_hash.remove(step)
+    else:
       log.info("checkpoint: saving step %d to %s", step, self.directory)
+      if not self.ccfg.async_save:
+        self._hash_next()
     return saved
+
+  # -- checksums (mta_jax.ckpt_integrity) ---------------------------------------------------------
+
+  def _step_dir_being_saved(self, step: int) -> epath.Path | None:
+    final = self.directory / str(step)
+    if final.exists():
+      return final
+    tmp = [p for p in self.directory.iterdir()
+           if p.name.startswith(f"{step}.") and _is_incomplete(p.name)]
+    return tmp[0] if len(tmp) == 1 else None
+
+  def _hash_next(self) -> None:
+    """Write the checksums of the oldest saved step not hashed yet (process 0)."""
+    with self._hash_lock:
+      if not self._to_hash:
+        return
+      step = self._to_hash.pop(0)
+    if jax.process_index() != 0:
+      return
+    d = self._step_dir_being_saved(step)
+    if d is None:
+      log.warning("checkpoint step %d: directory not found, no checksums written", step)
+      return
+    ckpt_integrity.write(d)
+
+  def _after_async_save(self) -> None:
+    """Orbax's post-finalisation callback: the step's files are complete (the step directory
+    may still carry its temporary name; checksums.json moves with it)."""
+    try:
+      self._hash_next()
+    except Exception as e:  # noqa: BLE001 - a failure here must not fail the save itself
+      log.warning("could not write checkpoint checksums: %s", faults.one_line(e))
+
+  def verify_step(self, step: int) -> None:
+    """CorruptCheckpointError if `step` does not match its checksums; a warning if it has none."""
+    n = ckpt_integrity.verify(self.directory / str(step))
+    if n is None:
+      log.warning("checkpoint %s has no checksums (an older version wrote it, or the run "
+                  "stopped before they were written); using it unverified.",
+                  self.directory / str(step))
 
   def wants_save(self, step: int) -> bool:
     """True when `maybe_save` would save `step` (interval policy or a requested stop)."""
@@ -526,6 +582,10 @@ class Checkpointer:
     atexit.unregister(self._finish_at_exit)
     self._mngr.wait_until_finished()
     self._mngr.close()
+    with self._hash_lock:
+      left = len(self._to_hash)
+    for _ in range(left):  # normally none: each finished save wrote its own
+      self._hash_next()
     for sig, handler in self._prev_handlers.items():
       signal.signal(sig, handler)
     self._prev_handlers = {}
@@ -545,6 +605,32 @@ class Checkpointer:
   def stored_shapes(self, step: int, item: str) -> dict[tuple[str, ...], Any]:
     md = self._mngr.item_metadata(step)[item]
     return flatten(md.tree if hasattr(md, "tree") else md)
+
+  def _data_signature(self) -> dict:
+    if self._data_sig is None:
+      self._data_sig = data_signature(self.cfg)
+    return self._data_sig
+
+  def check_same_data(self, step: int, meta: Mapping) -> None:
+    """Refuse to resume onto other data (IncompatibleCheckpointError listing the differences)
+    unless checkpoint.allow_data_change, which turns the refusal into a warning."""
+    stored = meta.get("data_signature")
+    if not isinstance(stored, Mapping):  # written before signatures existed
+      return
+    current = self._data_signature()
+    diffs = [f"{k}: checkpoint {stored.get(k)!r}, current {current.get(k)!r}"
+             for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+    if not diffs:
+      return
+    where = str(self.directory / str(step))
+    if self.ccfg.allow_data_change:
+      log.warning("resuming %s on different data (checkpoint.allow_data_change=True): %s",
+                  where, "; ".join(diffs))
+      return
+    _raise_incompatible(where, diffs, hint=(
+        "The run would continue on other data than it was trained on. Use the data settings "
+        "of the checkpoint, a fresh workdir, or --config.checkpoint.allow_data_change=True to "
+        "resume anyway."), what="the current data")
 
   def check_compatible(self, step: int, meta: Mapping, targets: Mapping[str, dict]) -> None:
     """Refuse a checkpoint of another model: config fields first, then leaf shapes."""
@@ -599,8 +685,11 @@ class Checkpointer:
     bad: list[int] = []
     for step in steps:
       try:
+        self.verify_step(step)
         meta = self.read_meta(step)
         self.check_compatible(step, meta, targets)
+        if data_iter is not None:  # training continues the data stream: it must be the same
+          self.check_same_data(step, meta)
       except IncompatibleCheckpointError:
         raise  # another model's checkpoint: refuse, never fall back past it
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
@@ -616,15 +705,16 @@ class Checkpointer:
       try:
         restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
         jax.block_until_ready(restored["params"])
+        if want_iter:
+          _check_iter_state(restored["data_iter"])
+          data_iter.set_state(restored["data_iter"])
       except Exception as e:  # noqa: BLE001
         errors.append(self._unreadable(step, e))
         bad.append(step)
         continue
       meta = dict(meta)
       meta["data_restarted"] = data_iter is not None and not want_iter
-      if want_iter:
-        data_iter.set_state(restored["data_iter"])
-      elif data_iter is not None:
+      if data_iter is not None and not want_iter:
         why = (f"was written by {meta.get('process_count')} process(es) and this run has "
                f"{jax.process_count()}" if not same_processes else "holds no data-iterator state")
         log.warning(
@@ -667,6 +757,51 @@ class Checkpointer:
     target = abstract_storable(abstract_params, shardings)
     r = self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     return fill(abstract_params, flatten(r["params"]))
+
+
+# The data settings a resumed run must share with its checkpoint (data.<field>).
+_DATA_FIELDS = ("source", "path", "tfds_name", "train_split", "text_key", "add_bos", "add_eos",
+                "packing", "seq_len", "batch_size", "pack_bins", "long_docs", "shuffle",
+                "shuffle_window", "seed", "synthetic_vocab_size", "toy")
+
+
+def _file_sha256(path: str) -> str | None:
+  import hashlib
+  try:
+    return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
+  except OSError:
+    return None
+
+
+def data_signature(cfg: config_lib.TrainConfig) -> dict:
+  """What the training data stream depends on: the data settings that matter for the source
+  and the sha256 of the tokenizer file (its content, not only its size or path)."""
+  d = cfg.data
+  sig = {}
+  for f in _DATA_FIELDS:
+    v = getattr(d, f, None)
+    if f == "toy" and d.source != "toy":
+      continue
+    sig[f"data.{f}"] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+  if d.tokenizer:
+    sig["tokenizer sha256"] = _file_sha256(d.tokenizer)
+  return json.loads(json.dumps(sig, default=_json_default))
+
+
+def _check_iter_state(state, where: str = "data_iter") -> None:
+  """CheckpointError for an iterator state no iterator could have written: a negative
+  position or index (grain's set_state accepts it and fails at the next batch)."""
+  if isinstance(state, Mapping):
+    for k, v in state.items():
+      name = f"{where}.{k}"
+      if (isinstance(v, int) and not isinstance(v, bool) and v < 0
+          and any(w in str(k) for w in ("index", "pos"))):
+        raise CheckpointError(f"the data-iterator state has {name}={v}, which no iterator "
+                              "writes.")
+      _check_iter_state(v, name)
+  elif isinstance(state, (list, tuple)):
+    for i, v in enumerate(state):
+      _check_iter_state(v, f"{where}[{i}]")
 
 
 def _rebuild(abstract_train_state, parts: Mapping[str, Any]):

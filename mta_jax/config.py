@@ -172,6 +172,8 @@ class CheckpointConfig:
   export_dir: str = ""             # --mode=export output; "" -> <workdir>/export
   export_dtype: str = ""           # "" keeps the parameter dtype; "bfloat16" casts
   export_step: int = -1            # -1 -> the latest checkpoint
+  # Resume even though the data (tokenizer file, source, packing) differs from the checkpoint's.
+  allow_data_change: bool = False
 
 
 @dataclasses.dataclass

@@ -149,7 +149,8 @@ def test_unwritable_workdir_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_deleted_workdir_stops_the_run_in_one_line(tmp_path):
   workdir = str(tmp_path / "run")
-  proc = _start_and_wait(_cmd(workdir, every_steps=1000, steps=100_000), workdir, 3)
+  proc = _start_and_wait(_cmd(workdir, every_steps=1000, steps=100_000), workdir, 3,
+                         timeout=600)
   shutil.rmtree(workdir)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 1, out[-3000:]
