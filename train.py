@@ -139,7 +139,7 @@ def main(argv):
   paths.resolve_config_paths(cfg)
   if _MODE.value != "count_params":
     _maybe_initialize_distributed()
-  from mta_jax import faults, lease
+  from mta_jax import checkpoint, export, faults, lease
   from mta_jax.config import ConfigError
   faults.install_thread_hook()
   workdir = _workdir(cfg)
@@ -152,6 +152,8 @@ def main(argv):
   except FloatingPointError as e:  # train_lib.NonFiniteLossError: NaN / inf loss or params
     _exit(f"error: {e}", 3)
   except lease.LeaseLostError as e:
+    _exit(f"error: {e}", 1)
+  except (checkpoint.CheckpointError, export.ExportError) as e:  # unreadable / corrupt files
     _exit(f"error: {e}", 1)
   except KeyboardInterrupt:
     _exit("error: interrupted (Ctrl-C) without saving the current step; the latest complete "

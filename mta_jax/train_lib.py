@@ -588,7 +588,8 @@ def evaluate_main(cfg: TrainConfig, workdir: str) -> dict:
     restored = ckpt.restore_latest(_with_shardings(abstract, shardings), shardings, None)
     if restored is None:
       ckpt.close()
-      raise FileNotFoundError(f"no checkpoint in {workdir}; train first (--mode=train).")
+      raise checkpoint.CheckpointError(
+          f"no checkpoint in {workdir}; train first (--mode=train).")
     state, step, _ = restored
     result = evaluate(cfg, jit_eval_step(cfg, defs, shardings, mesh), state.params, mesh)
   ckpt.close()
