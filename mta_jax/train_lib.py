@@ -42,12 +42,11 @@ from mta_jax import config as config_lib
 from mta_jax import data as data_lib
 from mta_jax import flops as flops_lib
 from mta_jax import metrics as metrics_lib
-from mta_jax import optim
+from mta_jax import optim, retrofit
 from mta_jax import sharding
 from mta_jax.config import TrainConfig
+from mta_jax.data.rows import ROW_KEYS
 from mta_jax.model import TransformerLM
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -120,13 +119,18 @@ def abstract_train_state(cfg: TrainConfig, mesh: Mesh | None = None) -> TrainSta
   return _with_shardings(abstract, train_state_shardings(abstract, mesh))
 
 
+def create_state(cfg: TrainConfig, shardings: TrainState) -> TrainState:
+  """The initial state (from cfg.seed), made by a jitted init whose outputs are already sharded,
+  so no parameter is ever materialised whole on one device. Call under `jax.set_mesh`."""
+  return jax.jit(lambda seed: _build(cfg, seed)[1], out_shardings=shardings)(cfg.seed)
+
+
 def init_train_state(cfg: TrainConfig, mesh: Mesh) -> tuple[GraphDefs, TrainState, TrainState]:
-  """(graphdefs, state, shardings): the state is created by a jitted init whose outputs are
-  already sharded, so no parameter is ever materialised whole on one device."""
+  """(graphdefs, state, shardings) on `mesh` (see `create_state`)."""
   defs, abstract = _abstract(cfg)
   shardings = train_state_shardings(abstract, mesh)
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda seed: _build(cfg, seed)[1], out_shardings=shardings)(cfg.seed)
+    state = create_state(cfg, shardings)
   return defs, state, shardings
 
 
@@ -256,7 +260,7 @@ def jit_eval_step(cfg: TrainConfig, defs: GraphDefs, shardings: TrainState, mesh
 def to_global(local: dict, sharding_: NamedSharding) -> dict:
   """Per-process numpy rows -> global jax.Arrays (rows concatenated over processes)."""
   out = {}
-  for k in BATCH_KEYS:
+  for k in ROW_KEYS:
     x = np.asarray(local[k])
     out[k] = jax.make_array_from_process_local_data(sharding_, x)
   return out
@@ -265,7 +269,7 @@ def to_global(local: dict, sharding_: NamedSharding) -> dict:
 def next_train_batch(it: Iterator, accum: int, sharding_: NamedSharding) -> dict:
   """`accum` batches from the iterator stacked to [accum, rows, T], as global arrays."""
   micro = [next(it) for _ in range(accum)]
-  local = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}
+  local = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in ROW_KEYS}
   return to_global(local, sharding_)
 
 
@@ -308,6 +312,7 @@ def write_config(cfg: TrainConfig, workdir: str) -> str:
 def setup(cfg: TrainConfig) -> Mesh:
   """Validates the config against the devices and processes, then builds the mesh."""
   config_lib.validate(cfg, jax.device_count(), jax.process_count())
+  data_lib.validate_data(cfg)
   return sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
 
 
@@ -364,11 +369,10 @@ def _restore_or_init(run: _Run, abstract: TrainState, shardings: TrainState) -> 
   restored = run.ckpt.restore_latest(_with_shardings(abstract, shardings), shardings,
                                      run.data_iter)
   if restored is None:
-    run.state = jax.jit(lambda seed: _build(cfg, seed)[1], out_shardings=shardings)(cfg.seed)
+    run.state = create_state(cfg, shardings)
     run.start, run.fresh = 0, True
-    if cfg.checkpoint.init_from:  # warm start / MTA retrofit (paper App. I), see export.py
-      from mta_jax import export
-      run.state = run.state.replace(params=export.retrofit(
+    if cfg.checkpoint.init_from:  # warm start / MTA retrofit (paper App. I)
+      run.state = run.state.replace(params=retrofit.retrofit(
           cfg.checkpoint.init_from, cfg, run.state.params, shardings.params))
   else:
     run.state, run.start, meta = restored

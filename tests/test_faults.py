@@ -18,7 +18,20 @@ import pytest
 
 from mta_jax import lease as lease_lib
 from mta_jax import metrics
-from tests.test_checkpoint_train import ROOT, _cmd, _env, _start_and_wait
+import train_cli
+from test_checkpoint_train import DEVICES, _cmd, _start_and_wait
+
+ROOT = train_cli.ROOT
+
+
+def _env():
+  return train_cli.env(DEVICES)
+
+
+def _run(args, prefix=(), timeout=600):
+  """`python train.py *args` (after `prefix`, e.g. setpriv) in the checkout's root."""
+  return subprocess.run([*prefix, *train_cli.command(*args)], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def _ckpt_steps(workdir) -> list[int]:
@@ -63,7 +76,7 @@ def test_second_launch_refused_ctrl_c_saves_and_resume_keeps_one_record_per_step
   workdir = str(tmp_path / "run")
   cmd = _cmd(workdir, every_steps=1000, steps=100_000)  # runs until Ctrl-C
   first = _start_and_wait(cmd, workdir, 5)
-  second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  second = _run(cmd, timeout=240)
   assert second.returncode == 2, second.stderr[-2000:]
   err = _lines(second.stderr)
   assert err[-1].startswith("error: the workdir") and f"pid {first.pid} on host" in err[-1]
@@ -80,8 +93,7 @@ def test_second_launch_refused_ctrl_c_saves_and_resume_keeps_one_record_per_step
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write(json.dumps({"step": stopped + 1, "split": "train", "loss": 9.0}) + "\n{\"st")
   end = stopped + 5
-  p = subprocess.run(_cmd(workdir, every_steps=1000, steps=end), cwd=ROOT, env=_env(),
-                     capture_output=True, text=True, timeout=240)
+  p = _run(_cmd(workdir, every_steps=1000, steps=end))
   assert p.returncode == 0, p.stderr[-3000:]
   assert f"dropped 1 record(s) after step {stopped}" in p.stdout
   assert _train_steps(workdir) == list(range(1, end + 1))
@@ -106,7 +118,7 @@ def test_disk_full_ends_in_one_line_naming_cause_and_path(tmp_path):
   mnt = tmp_path / "mnt"
   mnt.mkdir()
   workdir = str(mnt / "run")
-  cmd = " ".join(f"'{c}'" for c in _cmd(workdir, every_steps=10, steps=400))
+  cmd = " ".join(f"'{c}'" for c in train_cli.command(*_cmd(workdir, every_steps=10, steps=400)))
   p = subprocess.run(["unshare", "-rm", "sh", "-c",
                       f"mount -t tmpfs -o size=400k tmpfs '{mnt}' && {cmd}; echo rc=$?; "
                       f"ls '{workdir}/checkpoints'"],
@@ -137,8 +149,7 @@ def test_unwritable_workdir_is_one_line(tmp_path):
   parent.mkdir()
   os.chmod(parent, 0o555)
   workdir = str(parent / "run")
-  p = subprocess.run(_without_permission_override() + _cmd(workdir), cwd=ROOT, env=_env(),
-                     capture_output=True, text=True, timeout=240)
+  p = _run(_cmd(workdir), prefix=_without_permission_override())
   assert p.returncode == 1, p.stderr[-3000:]
   err = _lines(p.stderr)
   assert err[-1].startswith(f"error: permission denied (EACCES) at {workdir}"), p.stderr
@@ -157,3 +168,51 @@ def test_deleted_workdir_stops_the_run_in_one_line(tmp_path):
   last = _lines(out)[-1]
   assert last.startswith("error: the lease file") and "vanished" in last, out[-2000:]
   assert "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_a_stale_lease_that_the_next_run_takes_over(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _start_and_wait(_cmd(workdir, every_steps=5, steps=100_000), workdir, 12, timeout=600)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert os.path.exists(os.path.join(workdir, lease_lib.LEASE_NAME))  # left behind
+  saved = _ckpt_steps(workdir)[-1]
+  end = saved + 3
+  p = _run(_cmd(workdir, every_steps=5, steps=end))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "taking over the stale lease" in p.stderr and f"pid {proc.pid}" in p.stderr
+  assert f"resumed from step {saved}" in p.stdout
+  assert _train_steps(workdir) == list(range(1, end + 1))
+  assert not os.path.exists(os.path.join(workdir, lease_lib.LEASE_NAME))
+
+
+def _flip_largest(d):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs
+           if f not in ("_CHECKPOINT_METADATA", "commit_success.txt")]
+  victim = max(files, key=os.path.getsize)
+  with open(victim, "r+b") as f:
+    f.seek(os.path.getsize(victim) // 2)
+    b = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([b[0] ^ 1]))
+
+
+@pytest.mark.slow
+def test_a_flipped_bit_in_the_latest_checkpoint_through_eval_export_and_train(tmp_path):
+  workdir = str(tmp_path / "run")
+  p = _run(_cmd(workdir, every_steps=10, steps=20))
+  assert p.returncode == 0, p.stderr[-3000:]
+  _flip_largest(os.path.join(workdir, "checkpoints", "20", "params"))
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  ev = _run(_cmd(workdir, every_steps=10, steps=20) + ["--mode=eval"])
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert "eval @ step 10" in ev.stdout and "does not match its checksums" in ev.stderr
+  ex = _run(_cmd(workdir, every_steps=10, steps=20) + ["--mode=export"])
+  assert ex.returncode == 0, ex.stderr[-3000:]
+  assert "exported step 10" in ex.stdout and "Traceback" not in ex.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+  tr = _run(_cmd(workdir, every_steps=10, steps=25))
+  assert tr.returncode == 0, tr.stderr[-3000:]
+  assert "resumed from step 10" in tr.stdout
+  assert _train_steps(workdir) == list(range(1, 26))
