@@ -75,7 +75,7 @@ def test_second_launch_refused_ctrl_c_saves_and_resume_keeps_one_record_per_step
   purging the replayed steps."""
   workdir = str(tmp_path / "run")
   cmd = _cmd(workdir, every_steps=1000, steps=100_000)  # runs until Ctrl-C
-  first = _start_and_wait(cmd, workdir, 5)
+  first = _start_and_wait(cmd, workdir, 5, timeout=600)
   second = _run(cmd, timeout=240)
   assert second.returncode == 2, second.stderr[-2000:]
   err = _lines(second.stderr)
