@@ -1,7 +1,9 @@
 """Faults through the real entry point (`python train.py`), in subprocesses: a job launched twice
-on one workdir, Ctrl-C, kill -9 and resume, a full disk (a tiny tmpfs), an unwritable and a
-vanished workdir. Each must end in one clear line, lose nothing already saved, and leave clean
-records (metrics.jsonl with every step once, one TensorBoard run).
+on one workdir, Ctrl-C, kill -9 and resume (a stale lease taken over), a full disk (a tiny
+tmpfs), an unwritable and a deleted workdir, a flipped bit in the latest checkpoint seen by
+eval, export and train. Each must end in one clear line, lose nothing already saved, and leave
+clean records (metrics.jsonl with every step once, one TensorBoard run). The default run has
+the launch-twice / Ctrl-C / resume test and the unwritable workdir; the rest are slow.
 """
 
 import glob
@@ -111,6 +113,7 @@ def _tmpfs_available() -> bool:
   return r.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _tmpfs_available(), reason="needs `unshare -rm` to mount a tmpfs")
 def test_disk_full_ends_in_one_line_naming_cause_and_path(tmp_path):
   """The workdir is on a 400 KiB tmpfs (private mount namespace): the first checkpoint or a
