@@ -134,7 +134,10 @@ def main(argv):
     raise app.UsageError(f"--mode={_MODE.value!r}; choose one of {sorted(MODES)}.")
   cfg = _CONFIG.value
   from mta_jax import paths
-  paths.resolve_config_paths(cfg)
+  try:
+    paths.resolve_config_paths(cfg)
+  except OSError as e:  # config_flags defers a missing file's error to the first field read
+    _bad_config_file(e)
   if _MODE.value != "count_params":
     _maybe_initialize_distributed()
   from mta_jax import checkpoint, export, faults, lease
@@ -180,6 +183,20 @@ def _parse_flags(argv):
     sys.exit(2)
   except (KeyError, AttributeError, TypeError, ValueError) as e:
     _bad_override(e)
+  except Exception as e:  # noqa: BLE001 - the config file itself failed (syntax, its code)
+    _bad_config_file(e)
+
+
+def _bad_config_file(e: BaseException):
+  """A --config file that is missing or fails to load: one line naming the file and why."""
+  if isinstance(e, SyntaxError):
+    why = f"{e.msg} (line {e.lineno} of {e.filename})"
+  else:
+    text = [l.strip() for l in str(e).splitlines() if l.strip()]
+    why = text[-1] if text else ""
+  print(f"config error: cannot load the --config file: {type(e).__name__}: {why}",
+        file=sys.stderr)
+  sys.exit(2)
 
 
 if __name__ == "__main__":

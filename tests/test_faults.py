@@ -219,3 +219,18 @@ def test_a_flipped_bit_in_the_latest_checkpoint_through_eval_export_and_train(tm
   assert tr.returncode == 0, tr.stderr[-3000:]
   assert "resumed from step 10" in tr.stdout
   assert _train_steps(workdir) == list(range(1, 26))
+
+
+@pytest.mark.parametrize("text,message", [
+    (None, "OSError: [Errno 2] No such file or directory"),
+    ("def get_config(:\n", "SyntaxError: invalid syntax (line 1 of"),
+    ("def get_config():\n  return 1 / 0\n", "ZeroDivisionError: division by zero"),
+], ids=["missing", "syntax", "raises"])
+def test_a_bad_config_file_is_one_line(tmp_path, text, message):
+  path = tmp_path / "exp.py"
+  if text is not None:
+    path.write_text(text)
+  p = _run([f"--config={path}", "--mode=count_params"], timeout=240)
+  assert p.returncode == 2
+  assert _lines(p.stderr) == [l for l in _lines(p.stderr) if l.startswith("config error: ")]
+  assert len(_lines(p.stderr)) == 1 and message in p.stderr, p.stderr
