@@ -1,5 +1,7 @@
 """Generation: greedy equals the full forward's argmax, sampling filters, stops, loading, errors."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,11 +42,14 @@ def _model(seed=0):
   return model
 
 
-def _greedy_by_full_forward(model, prompt, n):
+def _greedy_by_full_forward(model, prompt, n, length=16):
+  """Recomputes the full forward for every new token (right-padded to one jitted shape)."""
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))
   ids = list(prompt)
   for _ in range(n):
-    logits = model(jnp.asarray([ids], jnp.int32))
-    ids.append(int(jnp.argmax(logits[0, -1])))
+    logits = fwd(state, jnp.asarray([ids + [0] * (length - len(ids))], jnp.int32))
+    ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
   return ids[len(prompt):]
 
 
@@ -63,10 +68,11 @@ def test_eos_and_stop_strings_end_each_row():
   tok = CharTokenizer()
   gen = generate.Generator(model, tok)
   free = gen.generate_text(["abc", "hello"], max_new_tokens=6, eos_id=None)
-  # EOS: pretend the third generated token of row 0 is the end-of-sequence id.
-  eos = free[0].tokens[2]
+  # EOS: pretend the last generated token of row 0 is the end-of-sequence id.
+  eos = free[0].tokens[-1]
+  first = free[0].tokens.index(eos)
   outs = gen.generate([gen.encode("abc"), gen.encode("hello")], max_new_tokens=6, eos_id=eos)
-  assert outs[0].finish_reason == "eos" and outs[0].tokens == free[0].tokens[:3]
+  assert outs[0].finish_reason == "eos" and outs[0].tokens == free[0].tokens[:first + 1]
   # Stop string: the text is cut before it, and the row stops generating.
   stop = free[1].text[2:4]
   outs = gen.generate_text(["abc", "hello"], max_new_tokens=6, eos_id=None, stop=[stop])
@@ -140,14 +146,19 @@ def test_generate_command_bad_input(tmp_path, capsys):
   assert "top_p must be in (0, 1]" in capsys.readouterr().err
 
 
-def test_viz_command_attention_stages_kernels_head_mix(tmp_path):
+@pytest.mark.slow
+def test_viz_command_from_workdir(tmp_path):
   from mta_jax import viz
   _, workdir = _workdir(tmp_path)
   out = tmp_path / "viz"
   assert viz.main([f"--model={workdir}", "--text=ab.cd#a", f"--out={out}"]) == 0
   names = sorted(p.name for p in out.iterdir())
   assert names == ["attention_L0.png", "attention_L1.png", "head_mix.png", "kernels.png"]
-  # The stages: plain softmax rows sum to 1; the final stage is the model's own weights.
+
+
+def test_viz_attention_stages_and_pictures(tmp_path):
+  """Plain softmax rows sum to 1; the final stage is the model's own weights; PNGs written."""
+  from mta_jax import viz
   model = _model(seed=3)
   tokens = jnp.asarray([[2, 5, 9, 4, 7, 3]], jnp.int32)
   stages = viz.attention_stages(model, tokens)
@@ -156,3 +167,7 @@ def test_viz_command_attention_stages_kernels_head_mix(tmp_path):
     np.testing.assert_allclose(st[0].sum(-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(st[2], np.asarray(m), rtol=1e-5, atol=1e-6)
   assert np.abs(stages[1][1] - stages[1][0]).max() > 1e-3  # layer 1 has the pre conv
+  paths = [viz.plot_attention_stages(stages[1], str(tmp_path / "a.png"), layer=1),
+           viz.plot_head_mix(model, str(tmp_path / "mix.png")),
+           viz.plot_kernels(model, str(tmp_path / "k.png"))]
+  assert all(os.path.getsize(p) > 1000 for p in paths)
