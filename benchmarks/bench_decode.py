@@ -1,4 +1,4 @@
-"""Decoding benchmark: per-token latency and cache memory, incremental vs recomputing, MTA vs baseline.
+"""Decoding benchmark: per-token latency and cache memory, incremental vs recompute, MTA vs baseline.
 
     python benchmarks/bench_decode.py                   # contexts 512, 2048, 8192
     python benchmarks/bench_decode.py --lengths 512 --steps 10

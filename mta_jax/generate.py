@@ -202,19 +202,20 @@ class Generator:
 
 
 class ToyTokenizer:
-  """The toy task's character vocabulary behind the tokenizer interface."""
+  """The toy task's character vocabulary behind the tokenizer interface. Toy sequences start
+  without BOS, so `bos_id` is -1 (none is prepended)."""
 
   def __init__(self):
     from mta_jax.data import toy
     self._toy = toy
-    self.bos_id, self.eos_id = toy.BOS_ID, toy.EOS_ID
+    self.bos_id, self.eos_id = -1, toy.EOS_ID
     self.vocab_size = toy.TOY_VOCAB_SIZE
 
   def encode(self, text: str):
     return self._toy.encode(text)
 
   def decode(self, ids) -> str:
-    return self._toy.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+    return self._toy.decode([i for i in ids if i != self.eos_id])
 
 
 def check_tokenizer(tokenizer, model_vocab: int) -> None:
