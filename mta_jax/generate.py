@@ -249,8 +249,9 @@ def load(path: str, *, tokenizer: str = "", mesh=None) -> Loaded:
   vocabulary for toy runs); it must fit the model's vocabulary.
   """
   from mta_jax import checkpoint as ckpt_lib
+  from mta_jax import config as config_lib
   from mta_jax import export as export_lib
-  from mta_jax import sharding
+  from mta_jax import sharding, tree_io
   from mta_jax.model import TransformerLM
   if not path or not os.path.isdir(path):
     raise ConfigError(f"--model={path!r}: no such directory; give a training workdir (with "
@@ -259,17 +260,19 @@ def load(path: str, *, tokenizer: str = "", mesh=None) -> Loaded:
     ex = export_lib.load_exported(path, mesh=mesh)
     model, cfg, step, tok_path, source = ex.model, ex.config, ex.step, ex.tokenizer, "export"
   elif ckpt_lib.checkpoint_dir(path).exists():
-    ck = ckpt_lib.Checkpointer(path, TrainConfig(), read_only=True)
+    ck = ckpt_lib.Checkpointer(path, read_only=True)
     try:
       step = ck.latest_step()
       if step is None:
         raise ConfigError(f"--model={path!r}: {ck.directory} holds no complete checkpoint; "
                           "train first.")
-      cfg = export_lib.train_config_from_dict(ck.read_meta(step)["config"])
+      cfg = config_lib.from_dict(TrainConfig, ck.read_meta(step)["config"],
+                                 f"{ck.directory}/{step}/meta")
       abstract = nnx.eval_shape(lambda: TransformerLM(cfg.model, rngs=nnx.Rngs(0)))
       graphdef, abs_params = nnx.split(abstract, nnx.Param)
       shard = sharding.state_shardings(abs_params, mesh) if mesh is not None else None
-      params = ck.restore_params(step, abs_params, shard)
+      target = tree_io.abstract_storable(abs_params, shard)
+      params = tree_io.fill(abs_params, tree_io.flatten(ck.restore_item(step, "params", target)))
     finally:
       ck.close()
     model = nnx.merge(graphdef, params)
