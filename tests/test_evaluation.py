@@ -157,8 +157,8 @@ def test_needle_samples_and_grid(tmp_path):
   with pytest.raises(ValueError, match="too short"):
     needle.make_sample(tok, rng, context_len=40, n_needles=6, depth=0.0)
 
-  model = _model(max_len=128)
-  res = needle.evaluate(scoring.Scorer(model, batch_size=2), tok, context_len=120,
+  model = _model(max_len=240)
+  res = needle.evaluate(scoring.Scorer(model, batch_size=2), tok, context_len=240,
                         needles=[2, 4], depths=[0.0, 1.0], samples=2, digits=2,
                         filler="the sky is blue.", progress=False)
   assert len(res["cells"]) == 4 and set(res["by_needles"]) == {"2", "4"}
