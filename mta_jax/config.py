@@ -126,6 +126,8 @@ class DataConfig:
   pack_bins: int = 0               # first_fit: rows filled at once; 0 -> rows per process batch
   long_docs: str = "split"         # first_fit: documents longer than seq_len: "split" | "error"
   synthetic_vocab_size: int = 0    # source "synthetic": token range; 0 -> model.vocab_size
+  shuffle_window: int = 0          # real text: shuffle packed training rows in windows of this
+                                   # many rows (mixes long documents; memory grows with it); 0 = off
 
 
 @dataclasses.dataclass
@@ -166,6 +168,8 @@ class CheckpointConfig:
   export_dir: str = ""             # --mode=export output; "" -> <workdir>/export
   export_dtype: str = ""           # "" keeps the parameter dtype; "bfloat16" casts
   export_step: int = -1            # -1 -> the latest checkpoint
+  # Resume even though the data (tokenizer file, source, packing) differs from the checkpoint's.
+  allow_data_change: bool = False
 
 
 @dataclasses.dataclass
@@ -537,7 +541,7 @@ def validate_data(d: DataConfig, prefix: str = "data") -> None:
   check_choice(f"{prefix}.source", d.source, ("toy", "synthetic", "tfds", "text"))
   check_choice(f"{prefix}.packing", d.packing, ("concat", "first_fit"))
   check_choice(f"{prefix}.long_docs", d.long_docs, ("split", "error"))
-  for field in ("workers", "prefetch", "pack_bins", "synthetic_vocab_size"):
+  for field in ("workers", "prefetch", "pack_bins", "synthetic_vocab_size", "shuffle_window"):
     if getattr(d, field) < 0:
       raise ConfigError(f"{prefix}.{field} must be >= 0; got {getattr(d, field)}.")
   if d.source == "tfds" and not d.tfds_name:
