@@ -21,23 +21,20 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from mta_jax.config import ConfigError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-
-
-def _config_error(msg: str) -> Exception:
-  from mta_jax.config import ConfigError
-  return ConfigError(msg)
 
 
 def _check_model_path(path: str, setting: str = "data.tokenizer") -> str:
   if not path:
-    raise _config_error(f"{setting} is empty; give the path of a sentencepiece .model file "
-                        "(train one with `python -m mta_jax.data.tokenizer --help`).")
+    raise ConfigError(f"{setting} is empty; give the path of a sentencepiece .model file "
+                      "(train one with `python -m mta_jax.data.tokenizer --help`).")
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
-    raise _config_error(f"{setting}={path!r}: no such file; train a tokenizer with "
-                        "`python -m mta_jax.data.tokenizer --data=... --output=...` or fix "
-                        "the path.")
+    raise ConfigError(f"{setting}={path!r}: no such file; train a tokenizer with "
+                      "`python -m mta_jax.data.tokenizer --data=... --output=...` or fix "
+                      "the path.")
   return path
 
 
@@ -48,8 +45,8 @@ def _load(path: str):
   try:
     sp.Load(path)
   except (OSError, RuntimeError) as e:
-    raise _config_error(f"data.tokenizer={path!r} is not a readable sentencepiece model "
-                        f"({e}).") from None
+    raise ConfigError(f"data.tokenizer={path!r} is not a readable sentencepiece model "
+                      f"({e}).") from None
   return sp
 
 
@@ -73,9 +70,9 @@ class Tokenizer:
     self.bos_id, self.eos_id = int(sp.bos_id()), int(sp.eos_id())
     self.vocab_size = int(sp.GetPieceSize())
     if add_bos and self.bos_id < 0:
-      raise _config_error(f"data.tokenizer={path!r} has no BOS piece; set data.add_bos=False.")
+      raise ConfigError(f"data.tokenizer={path!r} has no BOS piece; set data.add_bos=False.")
     if add_eos and self.eos_id < 0:
-      raise _config_error(f"data.tokenizer={path!r} has no EOS piece; set data.add_eos=False.")
+      raise ConfigError(f"data.tokenizer={path!r} has no EOS piece; set data.add_eos=False.")
 
   def __getstate__(self):
     return dict(self.__dict__)  # no processor object inside: loaded lazily via `load`
@@ -99,8 +96,50 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------
 
 
-def _lines(source, text_key: str, max_docs: int, every: float = 5.0) -> Iterator[str]:
-  """Non-empty lines of the first `max_docs` documents (sentencepiece trains on sentences)."""
+MAX_SENTENCE_BYTES = 1 << 16  # sentencepiece's max_sentence_length: longer lines are dropped
+
+
+class LineStats:
+  """Lines handed to sentencepiece, and the over-long ones cut to fit its limit."""
+
+  def __init__(self):
+    self.lines, self.cut_lines, self.cut_pieces, self.longest = 0, 0, 0, 0
+
+  def summary(self) -> str:
+    if not self.cut_lines:
+      return ""
+    return (f"cut {self.cut_lines:,} line(s) longer than {MAX_SENTENCE_BYTES:,} bytes (the longest "
+            f"{self.longest:,}) into {self.cut_pieces:,} pieces: sentencepiece drops longer "
+            "sentences; nothing was dropped")
+
+
+def _fit(line: str, stats: LineStats) -> Iterator[str]:
+  """`line`, or pieces of it of at most MAX_SENTENCE_BYTES UTF-8 bytes cut at spaces."""
+  size = len(line.encode("utf-8"))
+  if size <= MAX_SENTENCE_BYTES:
+    yield line
+    return
+  stats.cut_lines += 1
+  stats.longest = max(stats.longest, size)
+  limit = MAX_SENTENCE_BYTES // 4  # characters: at most 4 UTF-8 bytes each
+  start = 0
+  while start < len(line):
+    end = min(len(line), start + limit)
+    if end < len(line):
+      space = line.rfind(" ", start + limit // 2, end)
+      end = space + 1 if space >= 0 else end
+    piece = line[start:end].strip()
+    start = end
+    if piece:
+      stats.cut_pieces += 1
+      yield piece
+
+
+def _lines(source, text_key: str, max_docs: int, stats: Optional[LineStats] = None,
+           every: float = 5.0) -> Iterator[str]:
+  """Non-empty lines of the first `max_docs` documents (sentencepiece trains on sentences);
+  lines over sentencepiece's length limit are cut into pieces that fit (counted in `stats`)."""
+  stats = stats if stats is not None else LineStats()
   n = len(source) if max_docs <= 0 else min(len(source), max_docs)
   t0 = last = time.time()
   for i in range(n):
@@ -110,7 +149,9 @@ def _lines(source, text_key: str, max_docs: int, every: float = 5.0) -> Iterator
     for line in text.split("\n"):
       line = line.strip()
       if line:
-        yield line
+        for piece in _fit(line, stats):
+          stats.lines += 1
+          yield piece
     if time.time() - last > every:
       last = time.time()
       print(f"  read {i + 1}/{n} documents ({(i + 1) / (last - t0):.0f}/s)", flush=True)
@@ -122,22 +163,33 @@ def train(source, output_prefix: str, *, vocab_size: int = 8000, model_type: str
           seed_sentencepiece_size: int = 1_000_000, quiet: bool = False) -> str:
   """Trains a sentencepiece model on `source` (random access, rows with `text_key`).
 
-  Returns the path of the .model file. Ids: pad=0, unk=1, bos=2, eos=3.
+  Returns the path of the .model file. Ids: pad=0, unk=1, bos=2, eos=3. Lines longer than
+  sentencepiece accepts are cut into pieces (and the command says how many).
   """
   import sentencepiece as spm
   if len(source) == 0:
     raise ValueError("the tokenizer's training data has no documents.")
   out_dir = os.path.dirname(os.path.abspath(output_prefix))
   os.makedirs(out_dir, exist_ok=True)
-  spm.SentencePieceTrainer.Train(
-      sentence_iterator=_lines(source, text_key, max_docs),
-      model_prefix=output_prefix, vocab_size=vocab_size, model_type=model_type,
-      byte_fallback=byte_fallback, character_coverage=character_coverage,
-      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-      input_sentence_size=max_sentences, shuffle_input_sentence=True,
-      seed_sentencepiece_size=seed_sentencepiece_size, max_sentence_length=1 << 16,
-      minloglevel=2 if quiet else 0,
-      num_threads=max(1, os.cpu_count() or 1))
+  stats = LineStats()
+  try:
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=_lines(source, text_key, max_docs, stats),
+        model_prefix=output_prefix, vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=byte_fallback, character_coverage=character_coverage,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        seed_sentencepiece_size=seed_sentencepiece_size, max_sentence_length=MAX_SENTENCE_BYTES,
+        minloglevel=2 if quiet else 0,
+        num_threads=max(1, os.cpu_count() or 1))
+  except RuntimeError as e:  # sentencepiece's own checks, e.g. "[!sentences_.empty()]"
+    raise ValueError(f"sentencepiece could not train on {stats.lines:,} line(s) of text "
+                     f"(field {text_key!r}): {str(e).strip().splitlines()[-1][:300].rstrip('.')}. "
+                     + ("Give it more text, or a smaller --vocab_size." if stats.lines
+                        else "The documents hold no non-empty lines.")) from None
+  finally:
+    if stats.cut_lines:
+      print(f"  {stats.summary()}", flush=True)
   return output_prefix + ".model"
 
 
