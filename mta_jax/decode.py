@@ -105,6 +105,10 @@ def cache_bytes(cache: Cache) -> dict[str, int]:
 def init_cache(model, batch: int, cache_len: int, dtype=None) -> Cache:
   """An empty cache of `cache_len` slots per row (decoding then starts at position 0)."""
   cfg = model.cfg
+  if cfg.attention.diff:
+    raise DecodeError("incremental decoding does not support the DIFF attention family "
+                      "(model.attention.diff=True) yet; score or generate it with the full "
+                      "forward instead.")
   if cache_len < 1:
     raise DecodeError(f"cache_len must be >= 1; got {cache_len}.")
   if cache_len > cfg.max_len:

@@ -221,3 +221,9 @@ def test_cache_bytes_counts_the_mta_rows():
   assert b["kv"] == 2 * 2 * (2 * 4 * 16 * 8) * 4
   # kq layer 1: (c_q - 1) + (c_q' - 1) = 3 + 2 rows of 16 floats per head.
   assert b["mta_rows"] == (2 * 4 * 5 * 16) * 4
+
+
+def test_diff_family_is_refused_clearly():
+  model = _model(AttentionConfig(diff=True))
+  with pytest.raises(decode.DecodeError, match="DIFF attention family"):
+    decode.init_cache(model, 1, 8)
