@@ -1,4 +1,4 @@
-"""--mode=compile: compile the real train and eval steps ahead of time, for a TPU slice or this host.
+"""--mode=compile: the real train and eval steps compiled ahead of time, for a TPU slice or here.
 
     python train.py --config=configs/paper_880m_mta.py --mode=compile \
         --config.compile.topology=v5e:16x16 --config.model.scan_layers=true
@@ -53,7 +53,8 @@ class DoesNotFitError(config_lib.ConfigError):
 class CompileReport:
   """One compiled step: seconds, bytes per chip, FLOPs per step."""
   name: str
-  seconds: float
+  seconds: float                   # wall clock
+  cpu_seconds: float               # this process's CPU time (all threads): steadier on a busy host
   arguments: int
   outputs: int
   temporaries: int
@@ -80,6 +81,9 @@ def _chip(topology: str) -> tuple[float, str]:
 def topology_devices(topology: str, num_slices: int = 1) -> list:
   """The compile-only devices of `num_slices` copies of a TPU topology such as 'v5e:2x2'."""
   _, chip_config = _chip(topology)
+  # Compile-only devices open no TPU, so several compiles may share a host: skip libtpu's
+  # one-process-per-host lockfile (an explicit setting in the environment wins).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
   try:
@@ -134,13 +138,14 @@ def _cost(compiled) -> tuple[float | None, float | None]:
   return cost.get("flops"), cost.get("bytes accessed")
 
 
-def _report(name: str, seconds: float, compiled) -> CompileReport:
+def _report(name: str, seconds: float, cpu_seconds: float, compiled) -> CompileReport:
   m = compiled.memory_analysis()
   get = lambda attr: int(getattr(m, attr, 0) or 0) if m is not None else 0
   flops, bytes_ = _cost(compiled)
-  return CompileReport(name, seconds, get("argument_size_in_bytes"), get("output_size_in_bytes"),
-                       get("temp_size_in_bytes"), get("alias_size_in_bytes"),
-                       get("generated_code_size_in_bytes"), flops, bytes_)
+  return CompileReport(name, seconds, cpu_seconds, get("argument_size_in_bytes"),
+                       get("output_size_in_bytes"), get("temp_size_in_bytes"),
+                       get("alias_size_in_bytes"), get("generated_code_size_in_bytes"), flops,
+                       bytes_)
 
 
 def _save(compiled, save_dir: str, name: str) -> list[str]:
@@ -177,9 +182,9 @@ def compile_steps(cfg: TrainConfig, devices: list | None = None,
     if eval_step is not None:
       jobs.append(("eval_step", eval_step, (state.params, _abstract_batch(cfg, mesh, False))))
     for name, fn, args in jobs:
-      t0 = time.time()
+      t0, c0 = time.time(), time.process_time()
       compiled = fn.lower(*args).compile()
-      reports.append(_report(name, time.time() - t0, compiled))
+      reports.append(_report(name, time.time() - t0, time.process_time() - c0, compiled))
       if save_dir:
         _save(compiled, save_dir, name)
   return mesh, reports
@@ -199,7 +204,8 @@ def format_report(cfg: TrainConfig, mesh: Mesh, reports: list[CompileReport], hb
            f"scan_layers={cfg.model.scan_layers}, remat={cfg.model.remat}"]
   for r in reports:
     hbm_txt = f" of {_gib(hbm)} HBM ({100 * r.total / hbm:.0f}%)" if hbm else ""
-    lines.append(f"{r.name}: compiled in {r.seconds:.1f} s; per chip: arguments "
+    lines.append(f"{r.name}: compiled in {r.seconds:.1f} s ({r.cpu_seconds:.1f} s CPU); per chip: "
+                 f"arguments "
                  f"{_gib(r.arguments)}, outputs {_gib(r.outputs)}, temporaries "
                  f"{_gib(r.temporaries)}, aliased {_gib(r.aliased)}, total {_gib(r.total)}"
                  f"{hbm_txt}")

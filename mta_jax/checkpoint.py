@@ -525,7 +525,11 @@ class Checkpointer:
     stored_cfg = meta.get("config", {}).get("model")
     if stored_cfg is not None:
       diffs = model_config_diff(model_config_from_dict(stored_cfg), self.cfg.model)
-      _raise_incompatible(where, diffs)
+      hint = ("Checkpoints do not convert between the scanned and unrolled layer layouts: "
+              "resume with the model.scan_layers the run was started with (parameters convert "
+              "with mta_jax.model.to_scanned_params / to_unrolled_params)."
+              if any(d.startswith("model.scan_layers:") for d in diffs) else "")
+      _raise_incompatible(where, diffs, hint)
     for item, target in targets.items():
       _raise_incompatible(where, tree_shape_diff(self.stored_shapes(step, item),
                                                  flatten(target), item))
