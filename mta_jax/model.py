@@ -5,7 +5,7 @@
     logits = RMSNorm(h) @ Embed^T                              (tied embeddings)
 
 Which layers get key-query convolutions is `ModelConfig.kq_layer_indices()`; head mixing and the
-gated group norm, when on, are on every layer (see docs/MTA.md).
+gated group norm, when on, are on every layer (docs/MTA.md Sec. 8).
 
 Layer layouts (`ModelConfig.scan_layers`):
   unrolled  blocks[l] for l in 0..L-1: one compiled copy per layer (compile time grows with L).

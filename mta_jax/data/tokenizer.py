@@ -21,23 +21,20 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from mta_jax.config import ConfigError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-
-
-def _config_error(msg: str) -> Exception:
-  from mta_jax.config import ConfigError
-  return ConfigError(msg)
 
 
 def _check_model_path(path: str, setting: str = "data.tokenizer") -> str:
   if not path:
-    raise _config_error(f"{setting} is empty; give the path of a sentencepiece .model file "
-                        "(train one with `python -m mta_jax.data.tokenizer --help`).")
+    raise ConfigError(f"{setting} is empty; give the path of a sentencepiece .model file "
+                      "(train one with `python -m mta_jax.data.tokenizer --help`).")
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
-    raise _config_error(f"{setting}={path!r}: no such file; train a tokenizer with "
-                        "`python -m mta_jax.data.tokenizer --data=... --output=...` or fix "
-                        "the path.")
+    raise ConfigError(f"{setting}={path!r}: no such file; train a tokenizer with "
+                      "`python -m mta_jax.data.tokenizer --data=... --output=...` or fix "
+                      "the path.")
   return path
 
 
@@ -48,8 +45,8 @@ def _load(path: str):
   try:
     sp.Load(path)
   except (OSError, RuntimeError) as e:
-    raise _config_error(f"data.tokenizer={path!r} is not a readable sentencepiece model "
-                        f"({e}).") from None
+    raise ConfigError(f"data.tokenizer={path!r} is not a readable sentencepiece model "
+                      f"({e}).") from None
   return sp
 
 
@@ -73,9 +70,9 @@ class Tokenizer:
     self.bos_id, self.eos_id = int(sp.bos_id()), int(sp.eos_id())
     self.vocab_size = int(sp.GetPieceSize())
     if add_bos and self.bos_id < 0:
-      raise _config_error(f"data.tokenizer={path!r} has no BOS piece; set data.add_bos=False.")
+      raise ConfigError(f"data.tokenizer={path!r} has no BOS piece; set data.add_bos=False.")
     if add_eos and self.eos_id < 0:
-      raise _config_error(f"data.tokenizer={path!r} has no EOS piece; set data.add_eos=False.")
+      raise ConfigError(f"data.tokenizer={path!r} has no EOS piece; set data.add_eos=False.")
 
   def __getstate__(self):
     return dict(self.__dict__)  # no processor object inside: loaded lazily via `load`
