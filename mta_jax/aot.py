@@ -33,6 +33,7 @@ from mta_jax import flops as flops_lib
 from mta_jax import sharding
 from mta_jax import train_lib
 from mta_jax.config import TrainConfig
+from mta_jax.data.rows import ROW_KEYS
 
 GIB = 2**30
 
@@ -123,7 +124,7 @@ def _abstract_batch(cfg: TrainConfig, mesh: Mesh, accum: bool) -> dict:
   shape = ((cfg.optim.grad_accum,) if accum else ()) + (rows, cfg.data.seq_len)
   sh = train_lib.batch_shardings(mesh, accum=accum)
   return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
-                                  sharding=sh) for k in train_lib.BATCH_KEYS}
+                                  sharding=sh) for k in ROW_KEYS}
 
 
 def _cost(compiled) -> tuple[float | None, float | None]:

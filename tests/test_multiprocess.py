@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/lm_tiny.py:mta (key-query convs, head mixing, group norm) on a data=2 x fsdp=4 mesh, so
 # parameters and optimizer state are split across both processes.
 ARGS = ["--config=configs/lm_tiny.py:mta", "--config.mesh.fsdp=4", "--config.data.seq_len=64",
-        "--config.data.batch_size=8", "--config.log_every=1", "--config.eval_every=0",
+        "--config.data.batch_size=8", "--config.optim.warmup_steps=1", "--config.log_every=1",
+        "--config.eval_every=0",
         "--config.eval_steps=2", "--config.checkpoint.every_steps=0"]
 
 
