@@ -178,7 +178,7 @@ class CompileConfig:
   """--mode=compile: ahead-of-time compilation of the train / eval steps (see mta_jax/aot.py)."""
   topology: str = ""               # e.g. "v5e:16x16", "v5p:4x4x4", "v4:2x2x1"; "" = this host
   num_slices: int = 1              # multislice: copies of the topology joined over DCN
-  hbm_gib: float = 0.0             # per-chip memory to fit in; 0 -> the chip's HBM (table in aot.py)
+  hbm_gib: float = 0.0             # per-chip memory to fit in; 0 -> the chip's HBM (aot.CHIPS)
   eval_step: bool = True           # also compile the eval step
   save_dir: str = ""               # write the optimized HLO and the serialized executable here
 

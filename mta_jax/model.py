@@ -24,10 +24,10 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mta_jax.attention import Attention
 from mta_jax.config import ModelConfig, validate_model
-from jax.ad_checkpoint import checkpoint_name
 from mta_jax.layers import Embed, RMSNorm, SwiGLU
 from mta_jax.sharding import constrain
 
