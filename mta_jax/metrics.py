@@ -2,12 +2,14 @@
 
 Only process 0 writes files. Every record is `{"step": int, "split": "train"|"eval", ...}`, one
 JSON object per line in `<workdir>/metrics.jsonl`; the same scalars go to TensorBoard event files
-in `<workdir>/tensorboard` (`tensorboard --logdir <workdir>`), tagged `<split>/<name>`.
+in `<workdir>/tensorboard` (`tensorboard --logdir <workdir>`), tagged `<split>/<name>`. A resumed
+run keeps each step once in both (see `MetricsWriter.open`).
 """
 
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -22,8 +24,60 @@ def _fmt_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class _TensorBoard:
+  """Scalars into one TensorBoard run, written synchronously on the caller's thread.
+
+  tensorboardX's SummaryWriter writes from a background thread: when the disk fills up, that
+  thread dies with a traceback and later writes block or flood the output. Writing the records
+  here (tensorboardX's own event-file writer and summary protos, no thread) makes a failure an
+  ordinary exception that the caller turns into one warning. A resumed run passes
+  `purge_step`: TensorBoard then drops the steps >= purge_step of the earlier event files, so a
+  resumed run reads as one run without replayed steps.
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    os.makedirs(logdir, exist_ok=True)
+    self._writer = EventsWriter(os.path.join(logdir, "events"))
+    if purge_step is not None:
+      self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
+                                     session_log=SessionLog(status=SessionLog.START)))
+    self._writer.flush()
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import scalar
+    for tag, v in scalars.items():
+      self._writer.write_event(Event(wall_time=time.time(), step=int(step),
+                                     summary=scalar(tag, v)))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def read_records(path: str) -> list[dict]:
+  """The records of a metrics.jsonl (a torn last line, e.g. from a kill, is skipped)."""
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        continue
+  return out
+
+
 class MetricsWriter:
-  """Progress lines, JSONL, TensorBoard and the loss curve for one run."""
+  """Progress lines, JSONL, TensorBoard and the loss curve for one run.
+
+  Nothing is written until `open(start_step)`: a resumed run first keeps the records up to the
+  step it resumed from (the later ones are replayed), so metrics.jsonl holds every step once,
+  TensorBoard continues one run and the loss curve covers the whole run.
+  """
 
   def __init__(self, workdir: str, total_steps: int, *, enabled: bool | None = None):
     self.workdir = workdir
@@ -32,28 +86,52 @@ class MetricsWriter:
     self.history: list[dict] = []
     self._tb = None
     self._jsonl = None
-    if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:  # TensorBoard files are a convenience, not a requirement
-        self._tb = None
+
+  def open(self, start_step: int = 0) -> None:
+    """Start writing at `start_step` (0: a fresh run); drops earlier records of later steps."""
+    if not self.enabled:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    records = read_records(path)
+    self.history = [r for r in records if int(r.get("step", 0)) <= start_step]
+    if os.path.exists(path):
+      dropped = len(records) - len(self.history)
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:  # rewritten whole, then renamed: a kill leaves either file
+        f.writelines(json.dumps(r) + "\n" for r in self.history)
+      os.replace(tmp, path)
+      if dropped:
+        self.log(f"metrics.jsonl: dropped {dropped} record(s) after step {start_step} "
+                 "(they are replayed from the checkpoint)")
+    self._jsonl = open(path, "a")
+    try:
+      self._tb = _TensorBoard(os.path.join(self.workdir, "tensorboard"),
+                              purge_step=start_step + 1 if start_step else None)
+    except ImportError:  # TensorBoard files are a convenience, not a requirement
+      self._tb = None
+    except OSError as e:
+      self._tb_failed(e)
+
+  def _tb_failed(self, e: Exception) -> None:
+    self._tb = None
+    print(f"warning: TensorBoard logging stopped: {type(e).__name__}: {e}", file=sys.stderr,
+          flush=True)
 
   def write(self, step: int, split: str, scalars: dict) -> None:
     record = {"step": int(step), "split": split, "time": time.time()}
     record.update({k: (float(v) if v is not None else None) for k, v in scalars.items()})
     self.history.append(record)
-    if not self.enabled:
+    if not self.enabled or self._jsonl is None:
       return
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
-      for k, v in scalars.items():
-        if v is not None and math.isfinite(float(v)):
-          self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
-      self._tb.flush()
+      try:
+        self._tb.write(step, {f"{split}/{k}": float(v) for k, v in scalars.items()
+                              if v is not None and math.isfinite(float(v))})
+      except OSError as e:  # e.g. disk full: metrics.jsonl (above) reports it first
+        self._tb_failed(e)
 
   def progress(self, step: int, scalars: dict, elapsed: float, steps_done: int) -> str:
     """`step 200/1500 | loss 1.2345 | 52.1k tok/s | MFU 31.0% | lr 1.0e-03 | ETA 3m10s`."""
@@ -119,12 +197,14 @@ class MetricsWriter:
     return path
 
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._jsonl = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    """Close the files; errors while closing (e.g. a full disk) are not raised again."""
+    jsonl, tb, self._jsonl, self._tb = self._jsonl, self._tb, None, None
+    for f in (jsonl, tb):
+      if f is not None:
+        try:
+          f.close()
+        except OSError:
+          pass
 
 
 def memory_summary(compiled) -> str:
@@ -154,8 +234,7 @@ def compare(workdirs: list[str], out: str, labels: list[str] | None = None) -> s
   labels = labels or [os.path.basename(os.path.normpath(w)) for w in workdirs]
   fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
   for i, (w, label) in enumerate(zip(workdirs, labels)):
-    with open(os.path.join(w, "metrics.jsonl")) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+    records = read_records(os.path.join(w, "metrics.jsonl"))
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval" and r.get("seq_error") is not None]
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color=f"C{i}",

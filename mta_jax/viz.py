@@ -1,4 +1,15 @@
-"""Pictures: attention maps and learned MTA kernels, saved as PNG (matplotlib, no display)."""
+"""Pictures: attention maps and learned MTA weights, saved as PNG (matplotlib, no display).
+
+    python -m mta_jax.viz --model=runs/toy --text="abcde.fghij.klmno#ak" --out=runs/toy/viz
+
+writes, for a training workdir or an export and a text:
+  attention_L<l>.png   every head of layer l at three stages: plain softmax(q k^T) (no MTA
+                       op), after the pre-softmax conv and head mix, and the final weights
+                       (after the post-softmax conv and head mix)
+  kernels.png          the learned key-query kernels (pre / post) of every layer that has them
+  head_mix.png         the head-mixing matrices (pre / post) of every layer, [heads x heads]
+                       with the groups on the diagonal
+"""
 
 from __future__ import annotations
 
@@ -77,8 +88,168 @@ def plot_kernels(model, path: str) -> str | None:
   return _save(fig, path)
 
 
+ATTENTION_STAGES = ("plain softmax", "after pre conv + mix", "final")
+
+
+def attention_stages(model, tokens_BxT, segment_ids=None, positions=None) -> list:
+  """Per layer, [3, B, H, T, T] weights at the ATTENTION_STAGES (one forward pass).
+
+  Layers without a pre-softmax op repeat the plain map as the middle stage."""
+  import jax.numpy as jnp
+
+  from mta_jax import ops
+  positions = model._check_inputs(tokens_BxT, segment_ids, positions)
+  x = model.embed(tokens_BxT, jnp.dtype(model.cfg.dtype))
+  out = []
+  get = lambda w: None if w is None else w[...]
+  for block in model.blocks:
+    a = block.attn
+    q, k, _ = a.project(block.attn_norm(x), positions)
+    kw = dict(segment_ids=segment_ids)
+    plain = ops.attention_weights(q, k, **kw)
+    pre = ops.attention_weights(q, k, kq_kernel_pre=get(a.kq_pre), head_mix_pre=get(a.mix_pre),
+                                **kw)
+    final = ops.attention_weights(q, k, kq_kernel_pre=get(a.kq_pre),
+                                  kq_kernel_post=get(a.kq_post), head_mix_pre=get(a.mix_pre),
+                                  head_mix_post=get(a.mix_post), **kw)
+    out.append(np.stack([np.asarray(plain), np.asarray(pre), np.asarray(final)]))
+    x = block(x, positions, segment_ids, None)
+  return out
+
+
+def plot_attention_stages(stages, path: str, *, layer: int, row: int = 0,
+                          labels: Sequence[str] | None = None, max_len: int = 64) -> str:
+  """One layer: rows = heads, columns = ATTENTION_STAGES (see `attention_stages`)."""
+  st = np.asarray(stages)[:, row, :, :max_len, :max_len]  # [3, H, T, T]
+  n_heads, t = st.shape[1], st.shape[-1]
+  fig, axes = plt.subplots(n_heads, 3, figsize=(3.2 * 3, 3.0 * n_heads), squeeze=False)
+  for h in range(n_heads):
+    for s in range(3):
+      ax, a = axes[h][s], st[s, h]
+      bound = max(float(np.abs(a).max()), 1e-9)
+      cmap, vmin = ("RdBu_r", -bound) if a.min() < 0 else ("viridis", 0.0)
+      ax.imshow(a, cmap=cmap, vmin=vmin, vmax=bound, interpolation="nearest")
+      ax.set_title(f"head {h}: {ATTENTION_STAGES[s]}", fontsize=8)
+      if labels is not None and t <= 40:
+        ticks = list(labels)[:t]
+        ax.set_xticks(range(t), ticks, fontsize=5, rotation=90)
+        ax.set_yticks(range(t), ticks, fontsize=5)
+      else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+  fig.suptitle(f"layer {layer} (rows: query, columns: key)", fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_head_mix(model, path: str) -> str | None:
+  """Head-mixing matrices of every layer (pre / post) as block-diagonal [H, H] images: entry
+  (o, i) is the weight of old head i in new head o. None when the model has no head mixing."""
+  panels = []
+  for l, block in enumerate(model.blocks):
+    for name in ("mix_pre", "mix_post"):
+      p = getattr(block.attn, name)
+      if p is not None:
+        w = np.asarray(p[...])
+        groups, c_h, _ = w.shape
+        full = np.zeros((groups * c_h, groups * c_h), w.dtype)
+        for g in range(groups):
+          full[g * c_h:(g + 1) * c_h, g * c_h:(g + 1) * c_h] = w[g]
+        panels.append((f"L{l} {name[4:]}", full))
+  if not panels:
+    return None
+  cols = min(6, len(panels))
+  rows = math.ceil(len(panels) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, (title, w) in zip(axes.flat, panels):
+    bound = max(float(np.abs(w).max()), 1e-9)
+    ax.imshow(w, cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
+    ax.set_title(title, fontsize=7)
+  fig.suptitle("head mixing (rows: new head, columns: old head)", fontsize=9)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_heatmap(grid, path: str, *, rows: Sequence[str], cols: Sequence[str], xlabel: str = "",
+                 title: str = "", vmin: float = 0.0, vmax: float = 1.0) -> str:
+  """An annotated heat map (e.g. accuracy by needle count and depth)."""
+  grid = np.asarray(grid, float)
+  fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2, 0.7 * len(rows) + 1.5))
+  im = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+  ax.set_xticks(range(len(cols)), cols)
+  ax.set_yticks(range(len(rows)), rows)
+  for i in range(grid.shape[0]):
+    for j in range(grid.shape[1]):
+      ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+              color="white" if grid[i, j] < (vmin + vmax) / 2 else "black")
+  ax.set_xlabel(xlabel)
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_lines(series: dict, path: str, *, xlabel: str = "", ylabel: str = "",
+               title: str = "") -> str:
+  """Named (xs, ys) series on one axis."""
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for name, (xs, ys) in series.items():
+    ax.plot(xs, ys, marker="o", label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  if len(series) > 1:
+    ax.legend()
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def main(argv=None) -> int:
+  import argparse
+  import sys
+
+  import jax.numpy as jnp
+  p = argparse.ArgumentParser(prog="python -m mta_jax.viz", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", required=True, help="training workdir or export directory")
+  p.add_argument("--text", required=True, help="the text whose attention is drawn")
+  p.add_argument("--out", default="", help="output directory (default: <model>/viz)")
+  p.add_argument("--max_len", type=int, default=64, help="positions drawn (the first ones)")
+  p.add_argument("--tokenizer", default="")
+  args = p.parse_args(argv)
+  from mta_jax import generate
+  from mta_jax.config import ConfigError
+  try:
+    lm = generate.load(args.model, tokenizer=args.tokenizer)
+    if lm.tokenizer is None:
+      raise ConfigError("the run recorded no tokenizer; pass --tokenizer=FILE.")
+    ids = generate.encode_prompt(lm.tokenizer, args.text, lm.config.data.add_bos)
+    ids = ids[:min(args.max_len, lm.config.model.max_len)]
+  except (ConfigError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  out = args.out or os.path.join(args.model, "viz")
+  labels = [lm.tokenizer.decode([i]) or "_" for i in ids]
+  stages = attention_stages(lm.model, jnp.asarray([ids], jnp.int32))
+  written = [plot_attention_stages(s, os.path.join(out, f"attention_L{l}.png"), layer=l,
+                                   labels=labels) for l, s in enumerate(stages)]
+  for f in (plot_kernels(lm.model, os.path.join(out, "kernels.png")),
+            plot_head_mix(lm.model, os.path.join(out, "head_mix.png"))):
+    if f:
+      written.append(f)
+  print("wrote " + ", ".join(written))
+  return 0
+
+
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+if __name__ == "__main__":
+  import sys
+  sys.exit(main())

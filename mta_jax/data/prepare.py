@@ -12,7 +12,12 @@ my_corpus-{train,validation}.array_record-* files (one feature, 'text'). The res
 
 Documents: .txt files give one document per non-empty line (`--txt_doc=line`) or one per file
 (`--txt_doc=file`); .jsonl files give one document per line, the string in field `--text_key`.
-Whitespace-only documents are skipped. Documents go to the validation split by a seeded random
+Whitespace-only documents are skipped. A document longer than `--max_doc_chars` characters
+(default 16,384) becomes consecutive pieces of at most that length, cut at line (else word)
+boundaries: the training shuffle then mixes pieces of a long document with the rest of the
+corpus instead of filling many consecutive batches with it, and no record is larger than the
+limit, so reading and tokenizing stay bounded however long the input lines are (the command
+says how many documents it split). Documents go to the validation split by a seeded random
 choice of `--validation_fraction` of them (at least one when the fraction is > 0), the rest to
 train; both splits keep the input order (the training pipeline shuffles).
 """
@@ -29,7 +34,7 @@ import sys
 import tempfile
 import time
 import types
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -65,9 +70,104 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
   return files
 
 
-def iter_documents(files: Sequence[str], *, txt_doc: str = "line",
-                   text_key: str = "text") -> Iterator[str]:
-  """Non-empty documents of `files`, in order."""
+DEFAULT_MAX_DOC_CHARS = 16_384
+
+
+class SplitStats:
+  """How many documents were longer than the limit and how many pieces they became."""
+
+  def __init__(self):
+    self.split_docs, self.pieces, self.longest = 0, 0, 0
+
+  def summary(self, limit: int) -> str:
+    if not self.split_docs:
+      return ""
+    return (f"split {self.split_docs:,} document(s) longer than {limit:,} characters (the "
+            f"longest {self.longest:,}) into {self.pieces:,} pieces of at most {limit:,} "
+            "(--max_doc_chars); nothing was dropped")
+
+
+def _cut(text: str, limit: int) -> int:
+  """Where to end a piece of `text` (len > limit): after the last newline, else the last
+  space, in the second half of the first `limit` characters; else at `limit`."""
+  window = text[:limit]
+  for sep in ("\n", " ", "\t"):
+    i = window.rfind(sep, limit // 2)
+    if i >= 0:
+      return i + 1
+  return limit
+
+
+def split_pieces(chunks: Iterable[str], limit: int, stats: Optional[SplitStats] = None
+                 ) -> Iterator[str]:
+  """The text given as consecutive `chunks` as pieces of at most `limit` characters, cut at
+  line (else word) boundaries; whitespace-only pieces are skipped. Holds at most ~2 x limit
+  characters plus one chunk, however long the text (limit 0: one piece, unbounded)."""
+  buf, n_pieces, total = "", 0, 0
+  for chunk in chunks:
+    buf += chunk
+    total += len(chunk)
+    while limit and len(buf) > limit:
+      cut = _cut(buf, limit)
+      piece, buf = buf[:cut].strip("\n"), buf[cut:]
+      if piece.strip():
+        n_pieces += 1
+        yield piece
+  piece = buf.strip("\n")
+  if piece.strip():
+    n_pieces += 1
+    yield piece
+  if stats is not None and n_pieces > 1:
+    stats.split_docs += 1
+    stats.pieces += n_pieces
+    stats.longest = max(stats.longest, total)
+
+
+def _line_chunks(f, first: str, limit: int) -> Iterator[str]:
+  """The rest of the line that starts with `first`, read `limit` characters at a time."""
+  chunk = first
+  while True:
+    yield chunk.rstrip("\n") if chunk.endswith("\n") else chunk
+    if chunk.endswith("\n") or not chunk:
+      return
+    chunk = f.readline(limit or -1)
+
+
+def _file_chunks(f, limit: int) -> Iterator[str]:
+  while True:
+    chunk = f.read(limit or -1)
+    if not chunk:
+      return
+    yield chunk
+
+
+def _jsonl_text(path: str, lineno: int, line: str, text_key: str) -> str:
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a "
+                       ".jsonl file must be one JSON object.") from None
+  if not isinstance(obj, dict) or text_key not in obj:
+    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise PrepareError(f"{path}:{lineno}: no field --text_key={text_key!r} (has "
+                       f"{keys}); set --text_key to the field holding the text.")
+  text = obj[text_key]
+  if not isinstance(text, str):
+    raise PrepareError(f"{path}:{lineno}: field {text_key!r} is a "
+                       f"{type(text).__name__}, not a string.")
+  return text
+
+
+def iter_documents(files: Sequence[str], *, txt_doc: str = "line", text_key: str = "text",
+                   max_doc_chars: int = DEFAULT_MAX_DOC_CHARS,
+                   stats: Optional[SplitStats] = None) -> Iterator[str]:
+  """Non-empty documents of `files`, in order; a document longer than `max_doc_chars` comes
+  out as consecutive pieces of at most that length (0: no limit).
+
+  Text files are read `max_doc_chars` characters at a time, so a single 50 MB line never sits
+  in memory whole; a .jsonl line is parsed whole (JSON cannot be parsed in pieces).
+  """
+  limit = max_doc_chars
   for path in files:
     if os.path.getsize(path) == 0:
       print(f"  warning: {path} is empty; skipped", file=sys.stderr)
@@ -76,31 +176,18 @@ def iter_documents(files: Sequence[str], *, txt_doc: str = "line",
     with open(path, encoding="utf-8", errors="strict") as f:
       try:
         if not is_jsonl and txt_doc == "file":
-          text = f.read()
-          if text.strip():
-            yield text.strip("\n")
+          yield from split_pieces(_file_chunks(f, limit), limit, stats)
           continue
-        for lineno, line in enumerate(f, 1):
-          if not line.strip():
-            continue
+        lineno = 0
+        while True:
+          line = f.readline(limit or -1) if not is_jsonl else f.readline()
+          if not line:
+            break
+          lineno += 1
           if not is_jsonl:
-            yield line.rstrip("\n")
-            continue
-          try:
-            obj = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a "
-                               ".jsonl file must be one JSON object.") from None
-          if not isinstance(obj, dict) or text_key not in obj:
-            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise PrepareError(f"{path}:{lineno}: no field --text_key={text_key!r} (has "
-                               f"{keys}); set --text_key to the field holding the text.")
-          text = obj[text_key]
-          if not isinstance(text, str):
-            raise PrepareError(f"{path}:{lineno}: field {text_key!r} is a "
-                               f"{type(text).__name__}, not a string.")
-          if text.strip():
-            yield text
+            yield from split_pieces(_line_chunks(f, line, limit), limit, stats)
+          elif line.strip():
+            yield from split_pieces([_jsonl_text(path, lineno, line, text_key)], limit, stats)
       except UnicodeDecodeError as e:
         raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
 
@@ -153,7 +240,7 @@ def _make_builder_class(name: str):
 
 def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "line",
             text_key: str = "text", validation_fraction: float = 0.01, seed: int = 0,
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, max_doc_chars: int = DEFAULT_MAX_DOC_CHARS) -> str:
   """Writes the dataset; returns DATA_DIR/NAME/VERSION. Raises PrepareError on bad input."""
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
     raise PrepareError(f"--name={name!r} must be snake_case (lowercase letters, digits, '_'; "
@@ -162,10 +249,16 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
     raise PrepareError(f"--txt_doc={txt_doc!r} must be 'line' or 'file'.")
   if not 0.0 <= validation_fraction < 1.0:
     raise PrepareError(f"--validation_fraction={validation_fraction} must be in [0, 1).")
+  if max_doc_chars < 0 or 0 < max_doc_chars < 64:
+    raise PrepareError(f"--max_doc_chars={max_doc_chars} must be 0 (no limit) or >= 64.")
   files = expand_inputs(inputs)
   print(f"reading {len(files)} file(s)", flush=True)
-  documents = lambda: iter_documents(files, txt_doc=txt_doc, text_key=text_key)  # noqa: E731
-  n = sum(1 for _ in _progress(documents(), "counting"))
+  stats = SplitStats()
+  documents = lambda s=None: iter_documents(  # noqa: E731
+      files, txt_doc=txt_doc, text_key=text_key, max_doc_chars=max_doc_chars, stats=s)
+  n = sum(1 for _ in _progress(documents(stats), "counting"))
+  if stats.split_docs:
+    print(f"  {stats.summary(max_doc_chars)}", flush=True)
   if n == 0:
     raise PrepareError(f"--input {list(inputs)} holds no non-empty documents "
                        f"(files: {files[:5]}{' ...' if len(files) > 5 else ''}).")
@@ -185,8 +278,9 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
       raise PrepareError(f"{version_dir} already exists; pass --overwrite to replace it or "
                          "choose another --name / --output.")
     shutil.rmtree(version_dir)
-  desc = (f"{n} documents from {len(files)} file(s) (txt_doc={txt_doc}, text_key={text_key}); "
-          f"validation: {n_val} chosen with seed {seed}.")
+  desc = (f"{n} documents from {len(files)} file(s) (txt_doc={txt_doc}, text_key={text_key}, "
+          f"max_doc_chars={max_doc_chars}); validation: {n_val} chosen with seed {seed}."
+          + (f" {stats.summary(max_doc_chars)}." if stats.split_docs else ""))
   builder = builder_cls(documents=documents, validation=validation, description=desc,
                         data_dir=data_dir, file_format="array_record")
   import tensorflow_datasets as tfds
@@ -217,6 +311,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--validation_fraction", type=float, default=0.01,
                  help="share of documents for the validation split (default 0.01; 0 = none)")
   p.add_argument("--seed", type=int, default=0, help="seed of the validation choice")
+  p.add_argument("--max_doc_chars", type=int, default=DEFAULT_MAX_DOC_CHARS,
+                 help="documents longer than this many characters become consecutive pieces "
+                      "(cut at line, else word, boundaries) that the training shuffle mixes "
+                      f"with the rest; bounds memory too (default {DEFAULT_MAX_DOC_CHARS}; 0 = "
+                      "keep documents whole)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
   return p
 
@@ -226,7 +325,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   try:
     path = prepare(args.input, args.output, args.name, txt_doc=args.txt_doc,
                    text_key=args.text_key, validation_fraction=args.validation_fraction,
-                   seed=args.seed, overwrite=args.overwrite)
+                   seed=args.seed, overwrite=args.overwrite,
+                   max_doc_chars=args.max_doc_chars)
   except PrepareError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
