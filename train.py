@@ -4,6 +4,8 @@
     python train.py --config=configs/toy.py:baseline    # the Transformer baseline, same task
     python train.py --config=configs/lm_tiny.py:mta --config.steps=200 --workdir=runs/tiny
     python train.py --config=configs/paper_880m_mta.py --mode=count_params
+    python train.py --config=configs/paper_880m_mta.py --mode=compile \
+        --config.compile.topology=v5e:16x16 --config.model.scan_layers=true
 
 `--config.<field>=<value>` overrides any field of the TrainConfig (see mta_jax/config.py).
 """
@@ -36,7 +38,7 @@ except (KeyError, AttributeError, TypeError) as e:
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and the resolved config "
     "(default: runs/<config name>).")
-_MODE = flags.DEFINE_string("mode", "train", "train | eval | count_params | export")
+_MODE = flags.DEFINE_string("mode", "train", "train | eval | count_params | export | compile")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "true", "false"],
     "Call jax.distributed.initialize(): auto = when the environment shows a multi-process "
@@ -113,6 +115,12 @@ def run_count_params(cfg, workdir):
   print(f"params: {count_params(m)}")
 
 
+def run_compile(cfg, workdir):
+  """Ahead-of-time compile of the train / eval steps for compile.topology (or this host)."""
+  from mta_jax import aot
+  aot.compile_main(cfg, workdir)
+
+
 def run_export(cfg, workdir):
   from mta_jax import export
   export.export_main(cfg, workdir)
@@ -124,6 +132,7 @@ MODES = {
     "eval": run_eval,
     "count_params": run_count_params,
     "export": run_export,
+    "compile": run_compile,
 }
 
 
@@ -138,7 +147,7 @@ def main(argv):
     paths.resolve_config_paths(cfg)
   except OSError as e:  # config_flags defers a missing file's error to the first field read
     _bad_config_file(e)
-  if _MODE.value != "count_params":
+  if _MODE.value not in ("count_params", "compile"):
     _maybe_initialize_distributed()
   from mta_jax import checkpoint, export, faults, lease
   from mta_jax.config import ConfigError

@@ -23,7 +23,7 @@ def get(size: str, family: str, arg=None) -> TrainConfig:
   model = paper_model(size, family)
   model.dtype = "bfloat16"
   model.param_dtype = "float32"
-  model.remat = True
+  model.remat = "full"
   return TrainConfig(
       model=model,
       data=DataConfig(source="text", seq_len=SEQ_LEN, batch_size=BATCH, packing="concat"),

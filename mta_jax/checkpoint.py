@@ -434,7 +434,12 @@ class Checkpointer:
     stored_cfg = meta.get("config", {}).get("model")
     if stored_cfg is not None and self.cfg is not None:
       stored_model = config_lib.from_dict(config_lib.ModelConfig, stored_cfg, "meta.model")
-      raise_incompatible(where, config_lib.model_config_diff(stored_model, self.cfg.model))
+      diffs = config_lib.model_config_diff(stored_model, self.cfg.model)
+      hint = ("Checkpoints do not convert between the scanned and unrolled layer layouts: "
+              "resume with the model.scan_layers the run was started with (parameters convert "
+              "with mta_jax.model.to_scanned_params / to_unrolled_params)."
+              if any(d.startswith("model.scan_layers:") for d in diffs) else "")
+      raise_incompatible(where, diffs, hint)
     for item, target in targets.items():
       raise_incompatible(where, tree_io.tree_shape_diff(self.stored_shapes(step, item),
                                                         tree_io.flatten(target), item))

@@ -69,7 +69,12 @@ class ModelConfig:
   max_len: int = 2048
   dtype: str = "float32"           # activation / compute dtype ("bfloat16" for mixed precision)
   param_dtype: str = "float32"
-  remat: bool = False              # rematerialise each block in the backward pass
+  # Rematerialisation of each block in the backward pass (jax.checkpoint policy), see REMAT:
+  # "none" | "full" | "dots" | "save_out_proj" | "offload_dots".
+  remat: str = "none"
+  # Scan over one repeating period of layers with nnx.scan (compile time flat in depth); the
+  # parameters then have a different layout (see model.py: to_scanned_params / to_unrolled_params).
+  scan_layers: bool = False
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
 
   @property
@@ -183,12 +188,23 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class CompileConfig:
+  """--mode=compile: ahead-of-time compilation of the train / eval steps (see mta_jax/aot.py)."""
+  topology: str = ""               # e.g. "v5e:16x16", "v5p:4x4x4", "v4:2x2x1"; "" = this host
+  num_slices: int = 1              # multislice: copies of the topology joined over DCN
+  hbm_gib: float = 0.0             # per-chip memory to fit in; 0 -> the chip's HBM (aot.CHIPS)
+  eval_step: bool = True           # also compile the eval step
+  save_dir: str = ""               # write the optimized HLO and the serialized executable here
+
+
+@dataclasses.dataclass
 class TrainConfig:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  compile: CompileConfig = dataclasses.field(default_factory=CompileConfig)
   steps: int = 10_000
   eval_every: int = 1000
   eval_steps: int = 0              # 0 -> the whole eval split
@@ -261,8 +277,22 @@ def check_choice(field: str, value, choices) -> None:
     raise ConfigError(f"{field}={value!r} is not allowed; choose one of {tuple(choices)}.")
 
 
+# model.remat -> what the backward pass keeps of each block (the rest is recomputed).
+REMAT = {
+    "none": "no rematerialisation: every intermediate is kept",
+    "full": "nothing kept but the block inputs (least memory, one extra forward)",
+    "dots": "keeps the outputs of the weight matmuls (dots without batch dims)",
+    "save_out_proj": "keeps each block's attention and MLP outputs (checkpoint_name)",
+    "offload_dots": "as 'dots', but offloaded to host memory (TPU/GPU backends)",
+}
+
+
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
   a = m.attention
+  if isinstance(m.remat, bool):
+    raise ConfigError(f"{prefix}.remat={m.remat!r}: remat takes a policy name; use 'full' for "
+                      f"True and 'none' for False (choices {tuple(REMAT)}).")
+  check_choice(f"{prefix}.remat", m.remat, tuple(REMAT))
   for field in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
     if getattr(m, field) <= 0:
       raise ConfigError(f"{prefix}.{field} must be positive; got {getattr(m, field)}.")
@@ -304,6 +334,10 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
       raise ConfigError(f"{prefix}.attention.kq_layers has layer {i}, outside 0..{m.n_layers - 1}.")
   if not 0.0 <= a.dropout < 1.0:
     raise ConfigError(f"{prefix}.attention.dropout must be in [0, 1); got {a.dropout}.")
+  if m.scan_layers and a.group_norm and a.norm_scaling == "depth":
+    raise ConfigError(f"{prefix}.scan_layers=True cannot scan attention.norm_scaling='depth' (a "
+                      "different constant in every layer); use norm_scaling='gate' or "
+                      "scan_layers=False.")
   from mta_jax import implementations  # local import: config stays importable without jax
   check_choice(f"{prefix}.attention.implementation", a.implementation, implementations.names())
   if a.implementation == "pallas" and a.dropout > 0.0:
@@ -409,6 +443,8 @@ def check_types(cfg, prefix: str = "") -> None:
   Config files assign plain Python values; a wrong type (a string where an int belongs, a float
   where an int belongs) fails here, naming the field. Ints are accepted for float fields.
   """
+  if isinstance(cfg, ModelConfig) and isinstance(cfg.remat, bool):
+    validate_model(cfg, prefix.rstrip(".") or "model")  # the remat-specific message
   hints = typing.get_type_hints(type(cfg))
   for f in dataclasses.fields(cfg):
     name = f"{prefix}{f.name}"
@@ -522,6 +558,9 @@ def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
       raise ConfigError(f"{field} must be >= 0 (0 = off / whole split / look up); got "
                         f"{getattr(cfg, field)}.")
   _validate_optim(cfg.optim, cfg.steps)
+  if cfg.compile.num_slices < 1 or cfg.compile.hbm_gib < 0:
+    raise ConfigError(f"compile.num_slices must be >= 1 and compile.hbm_gib >= 0; got "
+                      f"{cfg.compile.num_slices}, {cfg.compile.hbm_gib}.")
   d = cfg.data
   if d.batch_size < 1 or d.eval_batch_size < 0:
     raise ConfigError(f"data.batch_size must be >= 1 and data.eval_batch_size >= 0; got "

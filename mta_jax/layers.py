@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mta_jax.sharding import constrain
+
 Array = jax.Array
 
 # Llama-style initialisation: every projection drawn from N(0, 0.02^2).
@@ -65,7 +67,14 @@ class Embed(nnx.Module):
                            param_dtype)
 
   def __call__(self, tokens_BxT: Array, dtype) -> Array:
-    return jnp.take(self.embedding[...].astype(dtype), tokens_BxT, axis=0)
+    # The lookup gathers the table's FSDP shards first (as every FSDP weight is gathered before
+    # use) and keeps its vocab rows split over 'tensor': XLA then looks up locally, masks and
+    # all-reduces. Gathering from the (vocab, embed)-sharded table directly made the SPMD
+    # partitioner replicate the whole gather ("involuntary full rematerialization") on meshes
+    # with both fsdp and tensor > 1.
+    table = constrain(self.embedding[...].astype(dtype), ("vocab", None))
+    return constrain(jnp.take(table, tokens_BxT, axis=0),
+                     ("act_batch", "act_length", "act_embed"))
 
   def attend(self, x_BxTxD: Array) -> Array:
     """Logits [B, T, V] in float32 (the loss and softmax want full precision)."""

@@ -29,6 +29,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),            # SwiGLU hidden
     ("norm", None),               # RMSNorm / group-norm scales, gate weights
     ("kernel", None),             # conv taps and in-group mixing matrices
+    ("layers", None),             # the stacked-layers axis of model.scan_layers (not split)
     # --- activations --------------------------------------------------------------------
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),

@@ -562,7 +562,8 @@ def save_pictures(cfg: TrainConfig, defs: GraphDefs, state: TrainState, workdir:
   if jax.process_count() > 1 or jax.process_index() != 0:
     return []
   from mta_jax import viz
-  model = nnx.merge(defs.model, jax.device_get(state.params))
+  from mta_jax.model import unrolled_model  # per-layer pictures need the unrolled layout
+  model = unrolled_model(nnx.merge(defs.model, jax.device_get(state.params)))
   out = []
   kernels = viz.plot_kernels(model, os.path.join(workdir, "kernels.png"))
   if kernels:

@@ -192,7 +192,7 @@ def test_restore_compatible_across_dtype_and_implementation(tmp_path):
   final = _save_steps(tmp_path, cfg, state, [2])
   other = cu.tiny_config(dropout=0.1)
   other.model.dtype = "bfloat16"
-  other.model.remat = True
+  other.model.remat = "full"
   abstract, shardings = cu.abstract_state(other, mesh)
   with checkpoint.Checkpointer(tmp_path, other) as ck:
     restored, _, _ = ck.restore_latest(abstract, shardings)

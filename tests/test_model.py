@@ -168,7 +168,7 @@ def test_paper_mta_overhead_matches_formula(size):
 def test_remat_bf16_and_dropout():
   tokens = _tokens()
   model = _randomise_mta(TransformerLM(tiny(FULL_MTA), rngs=nnx.Rngs(0)))
-  remat = _randomise_mta(TransformerLM(tiny(FULL_MTA, remat=True), rngs=nnx.Rngs(0)))
+  remat = _randomise_mta(TransformerLM(tiny(FULL_MTA, remat="full"), rngs=nnx.Rngs(0)))
 
   def loss(m):
     return jnp.mean(m(tokens) ** 2)
