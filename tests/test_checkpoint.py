@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from mta_jax import checkpoint, sharding
+from mta_jax import checkpoint, ckpt_integrity, sharding
 import ckpt_util as cu
 
 
@@ -144,6 +144,7 @@ def test_data_iterator_from_other_process_count_restarts_with_warning(tmp_path, 
   meta_file.write_text(meta_file.read_text().replace('"process_count": 1', '"process_count": 2'))
   os.rename(step_dir / "data_iter" / "process_0-of-1.json",
             step_dir / "data_iter" / "process_0-of-2.json")
+  ckpt_integrity.write(step_dir)  # as that run would have written them
   fresh = _grain_iter()
   abstract, shardings = cu.abstract_state(cfg, mesh)
   with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(tmp_path, cfg) as ck:

@@ -125,7 +125,7 @@ def test_disk_full_ends_in_one_line_naming_cause_and_path(tmp_path):
   p = subprocess.run(["unshare", "-rm", "sh", "-c",
                       f"mount -t tmpfs -o size=400k tmpfs '{mnt}' && {cmd}; echo rc=$?; "
                       f"ls '{workdir}/checkpoints'"],
-                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
   assert "rc=1" in p.stdout, (p.stdout[-2000:], p.stderr[-3000:])
   err = [l for l in _lines(p.stderr) if not l.startswith("I")]  # absl INFO lines
   assert len(err) <= 4, p.stderr  # one Orbax line, maybe a TensorBoard warning, the error
