@@ -118,7 +118,7 @@ class DataConfig:
   train_split: str = "train"
   eval_split: str = "validation"
   text_key: str = "text"
-  tokenizer: str = ""              # path to a sentencepiece .model
+  tokenizer: str = ""              # sentencepiece .model, tiktoken BPE file or tokenizer.json
   packing: str = "concat"          # "concat" (concat-then-split) | "first_fit"
   shuffle: bool = True
   seed: int = 0
@@ -477,6 +477,7 @@ def validate_data(d: DataConfig, prefix: str = "data") -> None:
                       "`python -m mta_jax.data.prepare`.")
   if d.source in ("tfds", "text") and not d.tokenizer:
     raise ConfigError(f"{prefix}.source={d.source!r} needs {prefix}.tokenizer: a sentencepiece "
-                      ".model file (train one with `python -m mta_jax.data.tokenizer`).")
+                      ".model, a tiktoken BPE file (Llama 3's tokenizer.model) or a Hugging Face "
+                      "tokenizer.json (train one with `python -m mta_jax.data.tokenizer`).")
   if d.source in ("tfds", "text") and d.seq_len < 2:
     raise ConfigError(f"{prefix}.seq_len must be >= 2 for text; got {d.seq_len}.")
