@@ -5,161 +5,16 @@
     python train.py --config=configs/lm_tiny.py:mta --config.steps=200 --workdir=runs/tiny
     python train.py --config=configs/paper_880m_mta.py --mode=count_params
 
+The same command is installed as `mta-train` (`pip install .`); the code is mta_jax/main.py.
 `--config.<field>=<value>` overrides any field of the TrainConfig (see mta_jax/config.py).
 """
 
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # `configs/*.py` import each other as `configs.<name>`
-  sys.path.insert(0, _HERE)
-
-
-
-def _bad_override(e: Exception):
-  print(f"config error: bad --config override: {e}. Fields are those of "
-        "mta_jax.config.TrainConfig (e.g. --config.model.n_layers=4).", file=sys.stderr)
-  sys.exit(2)
-
-
-try:  # config_flags resolves the --config.<field> overrides in sys.argv right here
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", os.path.join(_HERE, "configs", "toy.py"),
-      "Experiment file (configs/<name>.py[:variant]); override fields with "
-      "--config.<field>=...", lock_config=False)
-except (KeyError, AttributeError, TypeError) as e:
-  _bad_override(e)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics and the resolved config "
-    "(default: runs/<config name>).")
-_MODE = flags.DEFINE_string("mode", "train", "train | eval | count_params | export")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "true", "false"],
-    "Call jax.distributed.initialize(): auto = when the environment shows a multi-process "
-    "launch (TPU pod slice, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS set).")
-
-
-def _multi_process_env() -> bool:
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
-    return True
-  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
-    return True
-  return "," in env.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
-
-
-def _maybe_initialize_distributed() -> None:
-  mode = _DISTRIBUTED.value
-  if mode == "true" or (mode == "auto" and _multi_process_env()):
-    import jax
-    # TPU slices, SLURM and Open MPI are detected by JAX itself; a hand launch passes
-    # JAX_COORDINATOR_ADDRESS (read by JAX) plus JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-    kwargs = {}
-    if os.environ.get("JAX_NUM_PROCESSES"):
-      kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
-    if os.environ.get("JAX_PROCESS_ID"):
-      kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)
-    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-
-
-def _workdir(cfg) -> str:
-  """The run's directory, absolute (or a URI): relative paths are relative to the directory
-  train.py is started from, and nothing later depends on it."""
-  from mta_jax import paths
-  return paths.resolve(_WORKDIR.value or os.path.join("runs", cfg.name or "default"))
-
-
-def run_train(cfg, workdir):
-  from mta_jax import train_lib
-  train_lib.train_and_evaluate(cfg, workdir)
-
-
-def run_eval(cfg, workdir):
-  from mta_jax import train_lib
-  train_lib.evaluate_main(cfg, workdir)
-
-
-def run_count_params(cfg, workdir):
-  """Exact parameter count from abstract shapes (nothing is allocated)."""
-  del workdir
-  from mta_jax import config as config_lib
-  from mta_jax.model import abstract_model, count_params
-  import jax
-  from flax import nnx
-  config_lib.check_types(cfg)
-  config_lib.validate_model(cfg.model)  # the data need not exist to count parameters
-  m = cfg.model
-  state = nnx.state(abstract_model(m), nnx.Param)
-  groups: dict[str, int] = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    keys = [str(k) for k in (getattr(p, "key", getattr(p, "name", getattr(p, "idx", None)))
-                             for p in path) if k is not None and k != "value"]
-    if keys[0] == "blocks":  # one line per parameter kind, summed over layers
-      keys = ["blocks", "*"] + keys[2:]
-    name = ".".join(keys)
-    groups[name] = groups.get(name, 0) + int(leaf.size)
-  print(f"model: d_model={m.d_model} n_layers={m.n_layers} n_heads={m.n_heads} "
-        f"head_dim={m.resolved_head_dim} ffn={m.resolved_ffn_hidden} vocab={m.vocab_size} "
-        f"kq_layers={list(m.kq_layer_indices())}")
-  for name, n in sorted(groups.items()):
-    print(f"  {name:36s} {n:>14,}")
-  print(f"params: {count_params(m)}")
-
-
-def run_export(cfg, workdir):
-  from mta_jax import checkpoint
-  if not hasattr(checkpoint, "export_main"):
-    raise app.UsageError("--mode=export needs mta_jax.checkpoint.export_main.")
-  checkpoint.export_main(cfg, workdir, flags.FLAGS)
-
-
-# --mode -> function(cfg, workdir). Add a mode by adding an entry.
-MODES = {
-    "train": run_train,
-    "eval": run_eval,
-    "count_params": run_count_params,
-    "export": run_export,
-}
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _MODE.value not in MODES:
-    raise app.UsageError(f"--mode={_MODE.value!r}; choose one of {sorted(MODES)}.")
-  cfg = _CONFIG.value
-  from mta_jax import paths
-  paths.resolve_config_paths(cfg)
-  if _MODE.value != "count_params":
-    _maybe_initialize_distributed()
-  from mta_jax.config import ConfigError
-  try:
-    MODES[_MODE.value](cfg, _workdir(cfg))
-  except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except FloatingPointError as e:  # train_lib.NonFiniteLossError: NaN / inf loss
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
-
-
-def _parse_flags(argv):
-  """absl parsing, with bad --config.<field> overrides reported as one clear line."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}\nPass --helpfull to see help on flags.", file=sys.stderr)
-    sys.exit(2)
-  except (KeyError, AttributeError, TypeError, ValueError) as e:
-    _bad_override(e)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  _HERE = os.path.dirname(os.path.abspath(__file__))
+  if _HERE not in sys.path:  # this checkout's mta_jax, not another one installed elsewhere
+    sys.path.insert(0, _HERE)
+  from mta_jax import main
+  main.run()
