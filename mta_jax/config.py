@@ -186,6 +186,12 @@ class TrainConfig:
   seed: int = 0
   name: str = ""
   peak_tflops: float = 0.0         # per-device peak for MFU; 0 -> look up by device kind
+  # Tracking and profiling (metrics.jsonl and TensorBoard are always written).
+  wandb_project: str = ""          # Weights & Biases project; "" = no W&B
+  wandb_run: str = ""              # W&B run name; "" -> the workdir's name
+  wandb_entity: str = ""           # W&B user or team; "" -> your default
+  profile_steps: str = ""          # "START,END": jax.profiler trace of steps START..END
+                                   # into <workdir>/profile (TensorBoard / Perfetto); "" = off
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +399,8 @@ def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
       raise ConfigError(f"{field} must be >= 0 (0 = off / whole split / look up); got "
                         f"{getattr(cfg, field)}.")
   _validate_optim(cfg.optim, cfg.steps)
+  from mta_jax import profiling
+  profiling.parse_steps(cfg.profile_steps, cfg.steps)
   d = cfg.data
   if d.batch_size < 1 or d.eval_batch_size < 0:
     raise ConfigError(f"data.batch_size must be >= 1 and data.eval_batch_size >= 0; got "

@@ -1,14 +1,17 @@
-"""Where training numbers go: a progress line on stdout, metrics.jsonl, TensorBoard, a PNG.
+"""Where training numbers go: a progress line on stdout, metrics.jsonl, TensorBoard, W&B, a PNG.
 
 Only process 0 writes files. Every record is `{"step": int, "split": "train"|"eval", ...}`, one
 JSON object per line in `<workdir>/metrics.jsonl`; the same scalars go to TensorBoard event files
-in `<workdir>/tensorboard` (`tensorboard --logdir <workdir>`), tagged `<split>/<name>`.
+in `<workdir>/tensorboard` (`tensorboard --logdir <workdir>`), tagged `<split>/<name>`, and, when
+`wandb_project` is set, to a Weights & Biases run (same tags; its id is kept in
+`<workdir>/wandb_run_id` so a resumed run continues the same W&B run).
 """
 
 import json
 import math
 import os
 import time
+import uuid
 
 import jax
 
@@ -25,13 +28,18 @@ def _fmt_duration(seconds: float) -> str:
 class MetricsWriter:
   """Progress lines, JSONL, TensorBoard and the loss curve for one run."""
 
-  def __init__(self, workdir: str, total_steps: int, *, enabled: bool | None = None):
+  def __init__(self, workdir: str, total_steps: int, *, enabled: bool | None = None,
+               wandb_project: str = "", wandb_run: str = "", wandb_entity: str = "",
+               config: dict | None = None):
     self.workdir = workdir
     self.total_steps = total_steps
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.history: list[dict] = []
     self._tb = None
     self._jsonl = None
+    self._wandb = None
+    if self.enabled and wandb_project:
+      self._wandb = _wandb_run(workdir, wandb_project, wandb_run, wandb_entity, config)
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
@@ -54,6 +62,9 @@ class MetricsWriter:
         if v is not None and math.isfinite(float(v)):
           self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
       self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log({f"{split}/{k}": float(v) for k, v in scalars.items()
+                       if v is not None and math.isfinite(float(v))}, step=int(step))
 
   def progress(self, step: int, scalars: dict, elapsed: float, steps_done: int) -> str:
     """`step 200/1500 | loss 1.2345 | 52.1k tok/s | MFU 31.0% | lr 1.0e-03 | ETA 3m10s`."""
@@ -125,6 +136,34 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
+
+
+def _wandb_run(workdir: str, project: str, name: str, entity: str, config: dict | None):
+  """A W&B run for `workdir`: created on the first start, resumed (same id) afterwards.
+  WANDB_MODE=offline keeps it on disk (`wandb sync` uploads it later)."""
+  try:
+    import wandb
+  except ImportError:
+    from mta_jax.config import ConfigError
+    raise ConfigError(f"wandb_project={project!r} needs the wandb package: "
+                      "`pip install wandb` (or `pip install mta_jax[wandb]`), or unset "
+                      "wandb_project.") from None
+  from mta_jax import paths
+  id_file = os.path.join(workdir, "wandb_run_id")
+  if os.path.isfile(id_file):
+    with open(id_file) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:12]
+    os.makedirs(workdir, exist_ok=True)
+    with open(id_file, "w") as f:
+      f.write(run_id + "\n")
+  local = None if paths.is_uri(workdir) else workdir  # W&B keeps its files on local disk
+  return wandb.init(project=project, name=name or os.path.basename(os.path.normpath(workdir)),
+                    entity=entity or None, id=run_id, resume="allow", dir=local, config=config)
 
 
 def memory_summary(compiled) -> str:

@@ -42,6 +42,7 @@ from mta_jax import data as data_lib
 from mta_jax import flops as flops_lib
 from mta_jax import metrics as metrics_lib
 from mta_jax import optim
+from mta_jax import profiling
 from mta_jax import sharding
 from mta_jax.config import TrainConfig
 from mta_jax.model import TransformerLM
@@ -322,7 +323,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
   """Trains `cfg.steps` optimizer steps (resuming from `workdir` if it holds a checkpoint),
   evaluates every `eval_every` steps and at the end. Returns the final eval metrics."""
   mesh = setup(cfg)
-  writer = metrics_lib.MetricsWriter(workdir, cfg.steps)
+  writer = metrics_lib.MetricsWriter(workdir, cfg.steps, wandb_project=cfg.wandb_project,
+                                     wandb_run=cfg.wandb_run, wandb_entity=cfg.wandb_entity,
+                                     config=config_lib.to_dict(cfg))
   n_dev = jax.device_count()
   writer.log(f"devices: {n_dev} x {jax.devices()[0].device_kind}, processes: "
              f"{jax.process_count()}, mesh: {dict(mesh.shape)}")
@@ -371,10 +374,13 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
     window_steps, window_t0, run_t0, run_steps = 0, time.time(), time.time(), 0
     final_eval: dict = {}
     step = start
+    profiler = profiling.StepProfiler(cfg.profile_steps, cfg.steps, workdir, start, writer.log)
     while step < cfg.steps:
+      profiler.before(step + 1)
       state, m = compiled(state, batch)
       m = jax.device_get(m)  # waits for this step: the loss is checked before anything else
       step += 1
+      profiler.after(step, state)
       run_steps += 1
       window_steps += 1
       tokens_seen += tokens_per_step
@@ -413,6 +419,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
       else:  # the workdir already holds the finished run
         writer.log(f"{workdir} already holds step {start} >= steps={cfg.steps}; evaluating only")
         final_eval = evaluate(cfg, eval_step, state.params, mesh)
+    profiler.stop()
     ckpt.close()
   png = writer.plot()
   if png:
