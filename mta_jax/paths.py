@@ -46,6 +46,17 @@ def resolve_config_paths(cfg) -> None:
     for p in parents:
       obj = getattr(obj, p)
     setattr(obj, leaf, resolve(getattr(obj, leaf)))
+  items = [item.strip().rpartition(":") for item in cfg.data.mixture.split(",")]
+  if cfg.data.mixture and all(p and _is_float(w) for p, _, w in items):  # else: validate() says
+    cfg.data.mixture = ",".join(f"{resolve(p)}:{w}" for p, _, w in items)
+
+
+def _is_float(s: str) -> bool:
+  try:
+    float(s)
+    return True
+  except ValueError:
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

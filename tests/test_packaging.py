@@ -123,7 +123,7 @@ def test_pip_install_gives_working_commands(tmp_path):
   (elsewhere / "a.txt").write_text("".join(f"document {i} about cats\n" for i in range(30)))
   r = cmd("mta-prepare", "--input=a.txt", "--output=data", "--name=cats")
   assert r.returncode == 0 and (elsewhere / "data" / "cats" / "1.0.0").is_dir(), r.stderr
-  r = cmd("mta-tokenizer", "--data=data/cats", "--output=tok/sp", "--vocab_size=60", "--quiet")
+  r = cmd("mta-tokenizer", "--data=data/cats", "--output=tok/sp", "--vocab_size=25", "--quiet")
   assert r.returncode == 0, r.stderr[-2000:]
   r = cmd("mta-tokenizer", "--inspect=tok/sp.model")
-  assert r.returncode == 0 and "sentencepiece, vocabulary 60" in r.stdout
+  assert r.returncode == 0 and "sentencepiece, vocabulary 25" in r.stdout

@@ -1,33 +1,42 @@
-"""Turn local .txt / .jsonl files into a TFDS-compatible array_record dataset (no TensorFlow).
+"""Turn text corpora into a TFDS-compatible array_record dataset (no TensorFlow).
 
-  python -m mta_jax.data.prepare --input='corpus/*.txt' --output=DATA_DIR --name=my_corpus \
-      [--txt_doc=line|file] [--text_key=text] [--validation_fraction=0.01]
+  python -m mta_jax.data.prepare --input='corpus/*.jsonl.zst' --output=DATA_DIR --name=my_corpus \
+      [--txt_doc=line|file] [--text_key=text] [--validation_fraction=0.01] [--workers=8]
 
 writes DATA_DIR/my_corpus/1.0.0/ with dataset_info.json, features.json and
 my_corpus-{train,validation}.array_record-* files (one feature, 'text'). The result loads with
 `tfds.builder_from_directory(DATA_DIR/my_corpus/1.0.0)` or
 `tfds.data_source('my_corpus', data_dir=DATA_DIR)`; train on it with `data.source='text'`,
 `data.path=DATA_DIR/my_corpus` (or `data.source='tfds'`, `data.tfds_name='my_corpus'`,
-`data.tfds_data_dir=DATA_DIR`).
+`data.tfds_data_dir=DATA_DIR`), or mix several with `data.mixture`.
 
-Documents: .txt files give one document per non-empty line (`--txt_doc=line`) or one per file
-(`--txt_doc=file`); .jsonl files give one document per line, the string in field `--text_key`.
-Whitespace-only documents are skipped. Documents go to the validation split by a seeded random
-choice of `--validation_fraction` of them (at least one when the fraction is > 0), the rest to
-train; both splits keep the input order (the training pipeline shuffles).
+Inputs: .txt files give one document per non-empty line (`--txt_doc=line`) or one per file
+(`--txt_doc=file`); .jsonl files give one document per line, the string in field `--text_key`;
+either may be compressed (.gz, .zst: SlimPajama's `*.jsonl.zst` chunks). A directory saved by
+Hugging Face `datasets` (`save_to_disk`) gives one document per row (`--hf_split` of a
+DatasetDict). Whitespace-only documents are skipped. Documents go to the validation split by a
+seeded random choice of `--validation_fraction` of them (at least one when the fraction is > 0),
+the rest to train; both splits keep the input order (the training pipeline shuffles).
+
+Scale: inputs are streamed (never held in memory as a whole). `--workers=N` reads and parses
+files (and ranges of rows of a `datasets` directory) in N processes, in order, with at most 2N
+pieces in flight; a progress bar shows files and documents.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import gzip
+import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import sys
 import tempfile
-import time
+import threading
 import types
 from typing import Iterator, Optional, Sequence
 
@@ -40,21 +49,43 @@ class PrepareError(ValueError):
 
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+SUFFIXES = tuple(s + c for s in TEXT_SUFFIXES + JSONL_SUFFIXES for c in ("",) + COMPRESSED_SUFFIXES)
+HF_ROWS_PER_PIECE = 50_000  # rows of a `datasets` directory one worker reads at a time
+
+
+def _plain_name(path: str) -> str:
+  """The file name without its compression suffix ('a.jsonl.zst' -> 'a.jsonl')."""
+  for c in COMPRESSED_SUFFIXES:
+    if path.endswith(c):
+      return path[:-len(c)]
+  return path
+
+
+def is_hf_dataset_dir(path: str) -> bool:
+  """A directory written by `datasets.Dataset(Dict).save_to_disk`."""
+  return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(
+      os.path.join(path, "dataset_dict.json"))
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
-  """Files from paths, globs and directories (searched recursively for .txt / .jsonl)."""
+  """Files and `datasets` directories from paths, globs and directories (searched recursively
+  for .txt / .jsonl files, optionally .gz / .zst compressed)."""
   files = []
   for pat in patterns:
     pat = os.path.expanduser(pat)
-    if os.path.isdir(pat):
+    if os.path.isdir(pat) and is_hf_dataset_dir(pat):
+      files.append(pat)
+    elif os.path.isdir(pat):
       found = sorted(f for f in glob.glob(os.path.join(pat, "**", "*"), recursive=True)
-                     if f.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES) and os.path.isfile(f))
+                     if f.endswith(SUFFIXES) and os.path.isfile(f))
       if not found:
-        raise PrepareError(f"--input {pat!r} is a directory without .txt / .jsonl files.")
+        raise PrepareError(f"--input {pat!r} is a directory without .txt / .jsonl files "
+                           "(plain, .gz or .zst) and not a Hugging Face `datasets` directory.")
       files += found
     elif any(c in pat for c in "*?["):
-      found = sorted(f for f in glob.glob(pat, recursive=True) if os.path.isfile(f))
+      found = sorted(f for f in glob.glob(pat, recursive=True)
+                     if os.path.isfile(f) or is_hf_dataset_dir(f))
       if not found:
         raise PrepareError(f"--input {pat!r} matches no files.")
       files += found
@@ -65,55 +96,159 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
   return files
 
 
-def iter_documents(files: Sequence[str], *, txt_doc: str = "line",
-                   text_key: str = "text") -> Iterator[str]:
-  """Non-empty documents of `files`, in order."""
-  for path in files:
-    if os.path.getsize(path) == 0:
-      print(f"  warning: {path} is empty; skipped", file=sys.stderr)
-      continue
-    is_jsonl = path.endswith(JSONL_SUFFIXES)
-    with open(path, encoding="utf-8", errors="strict") as f:
-      try:
-        if not is_jsonl and txt_doc == "file":
-          text = f.read()
-          if text.strip():
-            yield text.strip("\n")
+def _open_text(path: str):
+  if path.endswith(".gz"):
+    return gzip.open(path, "rt", encoding="utf-8", errors="strict")
+  if path.endswith((".zst", ".zstd")):
+    import zstandard
+    raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+  return open(path, encoding="utf-8", errors="strict")
+
+
+def _json_text(path: str, lineno: int, line: str, text_key: str) -> str:
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a "
+                       ".jsonl file must be one JSON object.") from None
+  if not isinstance(obj, dict) or text_key not in obj:
+    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise PrepareError(f"{path}:{lineno}: no field --text_key={text_key!r} (has "
+                       f"{keys}); set --text_key to the field holding the text.")
+  text = obj[text_key]
+  if not isinstance(text, str):
+    raise PrepareError(f"{path}:{lineno}: field {text_key!r} is a "
+                       f"{type(text).__name__}, not a string.")
+  return text
+
+
+def _file_documents(path: str, txt_doc: str, text_key: str) -> Iterator[str]:
+  if os.path.getsize(path) == 0:
+    print(f"  warning: {path} is empty; skipped", file=sys.stderr)
+    return
+  is_jsonl = _plain_name(path).endswith(JSONL_SUFFIXES)
+  try:
+    with _open_text(path) as f:
+      if not is_jsonl and txt_doc == "file":
+        text = f.read()
+        if text.strip():
+          yield text.strip("\n")
+        return
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
           continue
-        for lineno, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          if not is_jsonl:
-            yield line.rstrip("\n")
-            continue
-          try:
-            obj = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a "
-                               ".jsonl file must be one JSON object.") from None
-          if not isinstance(obj, dict) or text_key not in obj:
-            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise PrepareError(f"{path}:{lineno}: no field --text_key={text_key!r} (has "
-                               f"{keys}); set --text_key to the field holding the text.")
-          text = obj[text_key]
-          if not isinstance(text, str):
-            raise PrepareError(f"{path}:{lineno}: field {text_key!r} is a "
-                               f"{type(text).__name__}, not a string.")
-          if text.strip():
-            yield text
-      except UnicodeDecodeError as e:
-        raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+        text = _json_text(path, lineno, line, text_key) if is_jsonl else line.rstrip("\n")
+        if text.strip():
+          yield text
+  except UnicodeDecodeError as e:
+    raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    raise PrepareError(f"{path}: cannot be read ({type(e).__name__}: {e}).") from None
+  except Exception as e:  # noqa: BLE001 - zstandard.ZstdError and friends
+    if type(e).__module__.startswith("zstandard"):
+      raise PrepareError(f"{path}: not a valid zstd file ({e}).") from None
+    raise
 
 
-def _progress(docs: Iterator[str], what: str, every: float = 5.0) -> Iterator[str]:
-  t0 = last = time.time()
+def _hf_dataset(path: str, split: str, text_key: str):
+  try:
+    import datasets
+  except ImportError:
+    raise PrepareError(f"--input {path!r} is a Hugging Face `datasets` directory; install the "
+                       "datasets package (`pip install datasets`) to read it.") from None
+  ds = datasets.load_from_disk(path)  # memory-mapped Arrow files: nothing is loaded up front
+  if isinstance(ds, datasets.DatasetDict):
+    if split not in ds:
+      raise PrepareError(f"--hf_split={split!r} is not a split of {path} (has {sorted(ds)}).")
+    ds = ds[split]
+  if text_key not in ds.column_names:
+    raise PrepareError(f"{path}: no column --text_key={text_key!r} (has {ds.column_names}); "
+                       "set --text_key to the column holding the text.")
+  return ds.select_columns([text_key])
+
+
+def _hf_documents(path: str, split: str, text_key: str, start: int = 0,
+                  stop: Optional[int] = None) -> Iterator[str]:
+  ds = _hf_dataset(path, split, text_key)
+  stop = len(ds) if stop is None else min(stop, len(ds))
+  for i in range(start, stop, 1000):
+    for text in ds[i:min(i + 1000, stop)][text_key]:
+      if isinstance(text, str) and text.strip():
+        yield text
+
+
+def _pieces(files: Sequence[str], hf_split: str, text_key: str) -> list[tuple]:
+  """Units of work, in order: (file,) or (datasets dir, start row, stop row)."""
+  out = []
+  for f in files:
+    if os.path.isdir(f):
+      n = len(_hf_dataset(f, hf_split, text_key))
+      out += [(f, i, i + HF_ROWS_PER_PIECE) for i in range(0, n, HF_ROWS_PER_PIECE)]
+    else:
+      out.append((f,))
+  return out
+
+
+def _piece_documents(piece: tuple, txt_doc: str, text_key: str, hf_split: str) -> Iterator[str]:
+  if len(piece) == 1:
+    return _file_documents(piece[0], txt_doc, text_key)
+  return _hf_documents(piece[0], hf_split, text_key, piece[1], piece[2])
+
+
+def _read_piece(args) -> list[str]:
+  """Worker: every document of one piece (module level: picklable)."""
+  return list(_piece_documents(*args))
+
+
+def worker_pool(workers: int):
+  """A process pool for `iter_documents`, or None for workers <= 1. Made before anything starts
+  threads (prepare makes it first), it forks: workers start at once and inherit the imports;
+  in a process that already has other threads it spawns (forking those can deadlock)."""
+  if workers <= 1:
+    return None
+  single = threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+  return multiprocessing.get_context("fork" if single else "spawn").Pool(workers)
+
+
+def iter_documents(files: Sequence[str], *, txt_doc: str = "line", text_key: str = "text",
+                   hf_split: str = "train", pool=None, workers: int = 0) -> Iterator[str]:
+  """Non-empty documents of `files` (and `datasets` directories), in order; parsed in the
+  `workers` processes of `pool` (see `worker_pool`) when given."""
+  pieces = _pieces(files, hf_split, text_key)
+  if pool is None:
+    for piece in pieces:
+      yield from _piece_documents(piece, txt_doc, text_key, hf_split)
+    return
+  # Ordered, with at most 2 pieces per worker in flight (Pool.imap would read ahead without
+  # bound when the consumer, the dataset writer, is slower than the readers).
+  in_flight = 2 * max(1, workers)
+  todo = iter(pieces)
+  pending = [pool.apply_async(_read_piece, ((p, txt_doc, text_key, hf_split),))
+             for _, p in zip(range(in_flight), todo)]
+  while pending:
+    docs = pending.pop(0).get()
+    nxt = next(todo, None)
+    if nxt is not None:
+      pending.append(pool.apply_async(_read_piece, ((nxt, txt_doc, text_key, hf_split),)))
+    yield from docs
+
+
+def _bar(total: Optional[int], what: str, unit: str):
+  """A tqdm progress bar on stderr (sparse updates when stderr is not a terminal)."""
+  from tqdm import tqdm
+  tty = sys.stderr.isatty()
+  return tqdm(total=total, desc=f"  {what}", unit=unit, mininterval=0.5 if tty else 30,
+              dynamic_ncols=True, file=sys.stderr)
+
+
+def _progress(docs: Iterator[str], what: str, total: Optional[int] = None) -> Iterator[str]:
   n = 0
-  for n, doc in enumerate(docs, 1):
-    if time.time() - last > every:
-      last = time.time()
-      print(f"  {what}: {n} documents ({n / (last - t0):.0f}/s)", flush=True)
-    yield doc
-  print(f"  {what}: {n} documents in {time.time() - t0:.1f}s", flush=True)
+  with _bar(total, what, "doc") as bar:
+    for n, doc in enumerate(docs, 1):
+      bar.update(1)
+      yield doc
+  print(f"  {what}: {n} documents", flush=True)
 
 
 def _make_builder_class(name: str):
@@ -124,8 +259,10 @@ def _make_builder_class(name: str):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Prepared by mta_jax.data.prepare."}
 
-    def __init__(self, *, documents, validation: set, description: str, **kwargs):
-      self._documents, self._validation, self._description = documents, validation, description
+    def __init__(self, *, documents, validation: np.ndarray, n: int, description: str,
+                 **kwargs):
+      self._documents, self._validation, self._n = documents, validation, n
+      self._description = description
       super().__init__(**kwargs)
 
     def _info(self):
@@ -136,14 +273,17 @@ def _make_builder_class(name: str):
 
     def _split_generators(self, dl_manager):
       splits = {"train": self._generate_examples(False)}
-      if self._validation:
+      if len(self._validation):
         splits["validation"] = self._generate_examples(True)
       return splits
 
     def _generate_examples(self, validation: bool):
       what = "validation" if validation else "train"
-      for i, doc in enumerate(_progress(self._documents(), f"writing {what}")):
-        if (i in self._validation) == validation:
+      val, j = self._validation, 0  # sorted indices; documents arrive in index order
+      for i, doc in enumerate(_progress(self._documents(), f"writing {what}", self._n)):
+        is_val = j < len(val) and val[j] == i
+        j += is_val
+        if is_val == validation:
           yield i, {"text": doc}
 
   # The dataset's name (its folder and file prefix) is the builder's class attribute.
@@ -153,7 +293,7 @@ def _make_builder_class(name: str):
 
 def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "line",
             text_key: str = "text", validation_fraction: float = 0.01, seed: int = 0,
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, workers: int = 0, hf_split: str = "train") -> str:
   """Writes the dataset; returns DATA_DIR/NAME/VERSION. Raises PrepareError on bad input."""
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
     raise PrepareError(f"--name={name!r} must be snake_case (lowercase letters, digits, '_'; "
@@ -162,9 +302,25 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
     raise PrepareError(f"--txt_doc={txt_doc!r} must be 'line' or 'file'.")
   if not 0.0 <= validation_fraction < 1.0:
     raise PrepareError(f"--validation_fraction={validation_fraction} must be in [0, 1).")
+  if workers < 0:
+    raise PrepareError(f"--workers={workers} must be >= 0 (0 = read in this process).")
   files = expand_inputs(inputs)
-  print(f"reading {len(files)} file(s)", flush=True)
-  documents = lambda: iter_documents(files, txt_doc=txt_doc, text_key=text_key)  # noqa: E731
+  print(f"reading {len(files)} input(s)" + (f" with {workers} workers" if workers > 1 else ""),
+        flush=True)
+  pool = worker_pool(workers)
+  try:
+    return _prepare(files, inputs, output, name, txt_doc, text_key, validation_fraction, seed,
+                    overwrite, hf_split, pool, workers)
+  finally:
+    if pool is not None:
+      pool.terminate()
+
+
+def _prepare(files, inputs, output, name, txt_doc, text_key, validation_fraction, seed,
+             overwrite, hf_split, pool, workers) -> str:
+  documents = lambda: iter_documents(files, txt_doc=txt_doc, text_key=text_key,  # noqa: E731
+                                     hf_split=hf_split, pool=pool,
+                                     workers=workers)
   n = sum(1 for _ in _progress(documents(), "counting"))
   if n == 0:
     raise PrepareError(f"--input {list(inputs)} holds no non-empty documents "
@@ -175,7 +331,7 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
                        f"--validation_fraction={validation_fraction}; add text or set "
                        "--validation_fraction=0.")
   rng = np.random.default_rng(seed)
-  validation = set(rng.choice(n, size=n_val, replace=False).tolist()) if n_val else set()
+  validation = np.sort(rng.choice(n, size=n_val, replace=False)) if n_val else np.zeros(0, int)
 
   data_dir = os.path.abspath(os.path.expanduser(output))
   builder_cls = _make_builder_class(name)
@@ -187,7 +343,7 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
     shutil.rmtree(version_dir)
   desc = (f"{n} documents from {len(files)} file(s) (txt_doc={txt_doc}, text_key={text_key}); "
           f"validation: {n_val} chosen with seed {seed}.")
-  builder = builder_cls(documents=documents, validation=validation, description=desc,
+  builder = builder_cls(documents=documents, validation=validation, n=n, description=desc,
                         data_dir=data_dir, file_format="array_record")
   import tensorflow_datasets as tfds
   with tempfile.TemporaryDirectory() as tmp:  # nothing is downloaded; keep data_dir clean
@@ -205,10 +361,12 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m mta_jax.data.prepare",
-      description="Turn .txt / .jsonl files into a TFDS-compatible array_record dataset with "
-                  "train and validation splits (no TensorFlow needed).")
+      description="Turn .txt / .jsonl files (plain, .gz, .zst) or Hugging Face `datasets` "
+                  "directories into a TFDS-compatible array_record dataset with train and "
+                  "validation splits (no TensorFlow needed).")
   p.add_argument("--input", nargs="+", required=True,
-                 help="files, globs (quote them) or directories of .txt / .jsonl files")
+                 help="files, globs (quote them) or directories of .txt / .jsonl files "
+                      "(.gz / .zst too), or `datasets` save_to_disk directories")
   p.add_argument("--output", required=True, help="data dir; the dataset goes to OUTPUT/NAME/1.0.0")
   p.add_argument("--name", required=True, help="dataset name (snake_case), e.g. my_corpus")
   p.add_argument("--txt_doc", default="line", choices=("line", "file"),
@@ -218,6 +376,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="share of documents for the validation split (default 0.01; 0 = none)")
   p.add_argument("--seed", type=int, default=0, help="seed of the validation choice")
   p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+  p.add_argument("--workers", type=int, default=0,
+                 help="processes that read and parse the inputs (0 = this process)")
+  p.add_argument("--hf_split", default="train",
+                 help="split of a Hugging Face DatasetDict directory to read (default: train)")
   return p
 
 
@@ -226,7 +388,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   try:
     path = prepare(args.input, args.output, args.name, txt_doc=args.txt_doc,
                    text_key=args.text_key, validation_fraction=args.validation_fraction,
-                   seed=args.seed, overwrite=args.overwrite)
+                   seed=args.seed, overwrite=args.overwrite, workers=args.workers,
+                   hf_split=args.hf_split)
   except PrepareError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

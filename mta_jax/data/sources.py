@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from mta_jax.config import ConfigError
 
 _PREPARE_HINT = ("prepare it in array_record format, e.g. on a machine with TensorFlow: "
@@ -113,11 +115,44 @@ def check_text_key(source, text_key: str, setting: str = "data.text_key") -> Non
                       f"{sorted(row)}.")
 
 
+class ConcatSource:
+  """Several random-access sources one after the other (the eval split of a mixture)."""
+
+  def __init__(self, sources):
+    self.sources = list(sources)
+    self.ends = np.cumsum([len(s) for s in self.sources])
+
+  def __len__(self) -> int:
+    return int(self.ends[-1]) if len(self.ends) else 0
+
+  def __getitem__(self, i: int):
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    k = int(np.searchsorted(self.ends, i, side="right"))
+    return self.sources[k][i - (int(self.ends[k - 1]) if k else 0)]
+
+
+def open_mixture(cfg, split: str, split_setting: str) -> list[tuple[object, float]]:
+  """[(source, normalised weight)] of `split` of every dataset in data.mixture."""
+  from mta_jax.config import parse_mixture
+  d = cfg.data
+  out = []
+  for path, weight in parse_mixture(d.mixture):
+    src = open_prepared(path, split, setting="data.mixture", split_setting=split_setting)
+    check_text_key(src, d.text_key)
+    out.append((src, weight))
+  return out
+
+
 def open_source(cfg, split: str, split_setting: str):
-  """The configured text source (data.source 'tfds' or 'text') for `split`."""
+  """The configured text source (data.source 'tfds' or 'text') for `split`; a mixture's
+  datasets one after the other."""
   d = cfg.data
   if d.source == "tfds":
     src = open_tfds(d.tfds_name, split, d.tfds_data_dir, split_setting=split_setting)
+  elif d.source == "text" and d.mixture:
+    return ConcatSource(s for s, _ in open_mixture(cfg, split, split_setting))
   elif d.source == "text":
     src = open_prepared(d.path, split, split_setting=split_setting)
   else:
