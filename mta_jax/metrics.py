@@ -15,6 +15,8 @@ import uuid
 
 import jax
 
+from mta_jax import storage
+
 
 def _fmt_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
@@ -36,16 +38,19 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.history: list[dict] = []
     self._tb = None
+    self._tb_synced = 0.0
     self._jsonl = None
     self._wandb = None
     if self.enabled and wandb_project:
       self._wandb = _wandb_run(workdir, wandb_project, wandb_run, wandb_entity, config)
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      storage.ensure_dir(workdir, "--workdir")
+      self._jsonl = storage.AppendFile(storage.path(workdir) / "metrics.jsonl")
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # tensorboardX writes local files; a remote workdir gets copies (storage.LocalMirror).
+        self._tb_dir = storage.LocalMirror(storage.path(workdir) / "tensorboard")
+        self._tb = SummaryWriter(self._tb_dir.local)
       except ImportError:  # TensorBoard files are a convenience, not a requirement
         self._tb = None
 
@@ -56,12 +61,14 @@ class MetricsWriter:
     if not self.enabled:
       return
     self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
     if self._tb is not None:
       for k, v in scalars.items():
         if v is not None and math.isfinite(float(v)):
           self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
       self._tb.flush()
+      if time.time() - self._tb_synced > 30:
+        self._tb_dir.sync()
+        self._tb_synced = time.time()
     if self._wandb is not None:
       self._wandb.log({f"{split}/{k}": float(v) for k, v in scalars.items()
                        if v is not None and math.isfinite(float(v))}, step=int(step))
@@ -124,8 +131,7 @@ class MetricsWriter:
       ax.grid(alpha=0.3)
     fig.suptitle(os.path.basename(os.path.normpath(self.workdir)))
     fig.tight_layout()
-    path = os.path.join(self.workdir, filename)
-    fig.savefig(path, dpi=110)
+    path = storage.save_figure(fig, os.path.join(self.workdir, filename))
     plt.close(fig)
     return path
 
@@ -135,6 +141,7 @@ class MetricsWriter:
       self._jsonl = None
     if self._tb is not None:
       self._tb.close()
+      self._tb_dir.close()
       self._tb = None
     if self._wandb is not None:
       self._wandb.finish()
@@ -151,16 +158,13 @@ def _wandb_run(workdir: str, project: str, name: str, entity: str, config: dict 
     raise ConfigError(f"wandb_project={project!r} needs the wandb package: "
                       "`pip install wandb` (or `pip install mta_jax[wandb]`), or unset "
                       "wandb_project.") from None
-  from mta_jax import paths
-  id_file = os.path.join(workdir, "wandb_run_id")
-  if os.path.isfile(id_file):
-    with open(id_file) as f:
-      run_id = f.read().strip()
+  id_file = storage.path(workdir) / "wandb_run_id"
+  if id_file.is_file():
+    run_id = id_file.read_text().strip()
   else:
     run_id = uuid.uuid4().hex[:12]
-    os.makedirs(workdir, exist_ok=True)
-    with open(id_file, "w") as f:
-      f.write(run_id + "\n")
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id + "\n")
   local = None if paths.is_uri(workdir) else workdir  # W&B keeps its files on local disk
   return wandb.init(project=project, name=name or os.path.basename(os.path.normpath(workdir)),
                     entity=entity or None, id=run_id, resume="allow", dir=local, config=config)
@@ -193,8 +197,8 @@ def compare(workdirs: list[str], out: str, labels: list[str] | None = None) -> s
   labels = labels or [os.path.basename(os.path.normpath(w)) for w in workdirs]
   fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
   for i, (w, label) in enumerate(zip(workdirs, labels)):
-    with open(os.path.join(w, "metrics.jsonl")) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+    text = (storage.path(w) / "metrics.jsonl").read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval" and r.get("seq_error") is not None]
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color=f"C{i}",
@@ -207,7 +211,7 @@ def compare(workdirs: list[str], out: str, labels: list[str] | None = None) -> s
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(out, dpi=110)
+  storage.save_figure(fig, out)
   plt.close(fig)
   return out
 

@@ -36,6 +36,7 @@ class StepProfiler:
   def __init__(self, value: str, steps: int, workdir: str, first_step: int, log=print):
     self.window = parse_steps(value, steps)
     self.dir = os.path.join(workdir, "profile")
+    self._mirror = None  # the profiler writes local files; copied to a remote workdir
     self.active = False
     self.log = log
     if self.window and first_step >= self.window[0]:
@@ -46,7 +47,9 @@ class StepProfiler:
   def before(self, step: int) -> None:
     """Call before running `step` (1-based)."""
     if self.window and step == self.window[0] and not self.active:
-      jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
+      from mta_jax import storage
+      self._mirror = storage.LocalMirror(self.dir)
+      jax.profiler.start_trace(self._mirror.local, create_perfetto_trace=True)
       self.active = True
 
   def after(self, step: int, result=None) -> None:
@@ -59,5 +62,6 @@ class StepProfiler:
   def stop(self) -> None:
     if self.active:
       jax.profiler.stop_trace()
+      self._mirror.close()
       self.active = False
       self.log(f"profile of steps {self.window[0]}..{self.window[1]}: {self.dir}")

@@ -44,6 +44,7 @@ from mta_jax import metrics as metrics_lib
 from mta_jax import optim
 from mta_jax import profiling
 from mta_jax import sharding
+from mta_jax import storage
 from mta_jax.config import TrainConfig
 from mta_jax.model import TransformerLM
 
@@ -299,9 +300,9 @@ def eval_summary(cfg: TrainConfig, r: dict) -> str:
 def write_config(cfg: TrainConfig, workdir: str) -> str:
   path = os.path.join(workdir, "config.json")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(config_lib.to_dict(cfg), f, indent=2, sort_keys=True)
+    target = storage.path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(config_lib.to_dict(cfg), indent=2, sort_keys=True))
   return path
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import matplotlib
@@ -78,7 +77,7 @@ def plot_kernels(model, path: str) -> str | None:
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  from mta_jax import storage  # local or remote (gs://...) path
+  storage.save_figure(fig, path)
   plt.close(fig)
   return path
