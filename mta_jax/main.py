@@ -147,7 +147,11 @@ def main(argv):
     _maybe_initialize_distributed()
   from mta_jax.config import ConfigError
   try:
-    MODES[_MODE.value](cfg, _workdir(cfg))
+    workdir = _workdir(cfg)
+    if _MODE.value != "count_params":
+      from mta_jax import storage
+      storage.check_dir(workdir, "--workdir")  # a file, or a bucket out of reach: say so now
+    MODES[_MODE.value](cfg, workdir)
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -34,23 +34,30 @@ def is_remote(p) -> bool:
   return paths.is_uri(os.fspath(p))
 
 
-def ensure_dir(p, setting: str) -> epath.Path:
-  """The directory `p`, created if missing; ConfigError naming `setting` if it is a file or the
-  storage cannot be reached (no credentials, no such bucket, no gcsfs installed ...)."""
+def check_dir(p, setting: str, *, create: bool = False) -> epath.Path:
+  """The directory `p` (created if `create`); ConfigError naming `setting` if it is a file or
+  the storage cannot be reached (no credentials, no such bucket, no gcsfs installed ...)."""
   from mta_jax.config import ConfigError
   d = path(p)
   try:
     if d.exists() and not d.is_dir():
       raise ConfigError(f"{setting}={os.fspath(p)!r} is a file, not a directory; choose a "
                         "directory (it is created if missing).")
-    d.mkdir(parents=True, exist_ok=True)
+    if create:
+      d.mkdir(parents=True, exist_ok=True)
   except ConfigError:
     raise
   except Exception as e:  # noqa: BLE001 - each file system raises its own types
-    raise ConfigError(f"{setting}={os.fspath(p)!r} cannot be written ({type(e).__name__}: "
-                      f"{_first_line(e)}); check the path, that the bucket exists and your "
-                      "credentials (gs:// needs the gcsfs package: pip install gcsfs).") from None
+    raise ConfigError(f"{setting}={os.fspath(p)!r} cannot be {'written' if create else 'reached'}"
+                      f" ({type(e).__name__}: {_first_line(e)}); check the path, that the bucket "
+                      "exists and your credentials (gs:// needs the gcsfs package: "
+                      "pip install gcsfs).") from None
   return d
+
+
+def ensure_dir(p, setting: str) -> epath.Path:
+  """`check_dir` and create it."""
+  return check_dir(p, setting, create=True)
 
 
 def _first_line(e: Exception) -> str:

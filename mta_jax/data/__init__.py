@@ -20,10 +20,17 @@ from mta_jax.data.toy import toy_error_counts, toy_error_rate, toy_vocab_size
 
 
 def validate_data(cfg) -> None:
-  """Static data checks (`mta_jax.config.validate_data`) plus the vocabulary check."""
+  """Static data checks (`mta_jax.config.validate_data`), the vocabulary check, and for real
+  text that every configured dataset and split opens (its metadata only), so a bad path fails
+  before a run writes anything."""
   from mta_jax import config
+  from mta_jax.data import sources
   config.validate_data(cfg.data)
   check_vocab(cfg)
+  d = cfg.data
+  if d.source in ("tfds", "text"):
+    sources.open_source(cfg, d.train_split, "data.train_split")
+    sources.open_source(cfg, d.eval_split, "data.eval_split")
 
 
 __all__ = ["make_train_iterator", "make_eval_batches", "vocab_size", "check_vocab",

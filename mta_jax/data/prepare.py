@@ -304,6 +304,7 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
     raise PrepareError(f"--validation_fraction={validation_fraction} must be in [0, 1).")
   if workers < 0:
     raise PrepareError(f"--workers={workers} must be >= 0 (0 = read in this process).")
+  _local_output(output)  # before reading anything
   files = expand_inputs(inputs)
   print(f"reading {len(files)} input(s)" + (f" with {workers} workers" if workers > 1 else ""),
         flush=True)
@@ -333,7 +334,7 @@ def _prepare(files, inputs, output, name, txt_doc, text_key, validation_fraction
   rng = np.random.default_rng(seed)
   validation = np.sort(rng.choice(n, size=n_val, replace=False)) if n_val else np.zeros(0, int)
 
-  data_dir = os.path.abspath(os.path.expanduser(output))
+  data_dir = _local_output(output)
   builder_cls = _make_builder_class(name)
   version_dir = os.path.join(data_dir, name, str(builder_cls.VERSION))
   if os.path.exists(version_dir):
@@ -356,6 +357,18 @@ def _prepare(files, inputs, output, name, txt_doc, text_key, validation_fraction
   if got != want:
     raise RuntimeError(f"prepared {version_dir} reads back {got} examples, expected {want}.")
   return version_dir
+
+
+def _local_output(output: str) -> str:
+  from mta_jax import paths
+  if paths.is_uri(output):
+    raise PrepareError(f"--output={output!r}: ArrayRecord files are written to local disk; "
+                       "write to a local directory and copy it (`gcloud storage cp -r DIR "
+                       "gs://...`), or to a gcsfuse mount of the bucket.")
+  data_dir = paths.resolve(output)
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise PrepareError(f"--output={output!r} is a file, not a directory.")
+  return data_dir
 
 
 def _parser() -> argparse.ArgumentParser:

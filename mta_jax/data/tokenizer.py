@@ -322,13 +322,33 @@ def train(source, output_prefix: str, *, vocab_size: int = 8000, model_type: str
           seed_sentencepiece_size: int = 1_000_000, quiet: bool = False) -> str:
   """Trains a sentencepiece model on `source` (random access, rows with `text_key`).
 
-  Returns the path of the .model file. Ids: pad=0, unk=1, bos=2, eos=3.
+  Returns the path of the .model file. Ids: pad=0, unk=1, bos=2, eos=3. A remote prefix
+  (gs://...) is trained locally, then copied (sentencepiece writes local files only).
   """
-  import sentencepiece as spm
   if len(source) == 0:
     raise ValueError("the tokenizer's training data has no documents.")
-  out_dir = os.path.dirname(os.path.abspath(output_prefix))
-  os.makedirs(out_dir, exist_ok=True)
+  from mta_jax import paths
+  if paths.is_uri(output_prefix):
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+      local = os.path.join(tmp, "sp")
+      _train(source, local, vocab_size, model_type, byte_fallback, character_coverage,
+             text_key, max_docs, max_sentences, seed_sentencepiece_size, quiet)
+      for ext in (".model", ".vocab"):
+        dst = _epath(output_prefix + ext)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(local + ext, "rb") as f:
+          dst.write_bytes(f.read())
+    return output_prefix + ".model"
+  os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+  _train(source, output_prefix, vocab_size, model_type, byte_fallback, character_coverage,
+         text_key, max_docs, max_sentences, seed_sentencepiece_size, quiet)
+  return output_prefix + ".model"
+
+
+def _train(source, output_prefix, vocab_size, model_type, byte_fallback, character_coverage,
+           text_key, max_docs, max_sentences, seed_sentencepiece_size, quiet) -> None:
+  import sentencepiece as spm
   spm.SentencePieceTrainer.Train(
       sentence_iterator=_lines(source, text_key, max_docs),
       model_prefix=output_prefix, vocab_size=vocab_size, model_type=model_type,
@@ -338,7 +358,6 @@ def train(source, output_prefix: str, *, vocab_size: int = 8000, model_type: str
       seed_sentencepiece_size=seed_sentencepiece_size, max_sentence_length=1 << 16,
       minloglevel=2 if quiet else 0,
       num_threads=max(1, os.cpu_count() or 1))
-  return output_prefix + ".model"
 
 
 def _parser() -> argparse.ArgumentParser:
