@@ -78,7 +78,6 @@ def _maybe_initialize_distributed() -> None:
 def _workdir(cfg) -> str:
   """The run's directory, absolute (or a URI): relative paths are relative to the directory
   train.py is started from, and nothing later depends on it."""
-  from mta_jax import paths
   return paths.resolve(_WORKDIR.value or os.path.join("runs", cfg.name or "default"))
 
 
@@ -141,7 +140,6 @@ def main(argv):
   if _MODE.value not in MODES:
     raise app.UsageError(f"--mode={_MODE.value!r}; choose one of {sorted(MODES)}.")
   cfg = _CONFIG.value
-  from mta_jax import paths
   paths.resolve_config_paths(cfg)
   if _MODE.value != "count_params":
     _maybe_initialize_distributed()
