@@ -69,7 +69,7 @@ def main() -> None:
   cands = {
       "conv: conv_general_dilated": (lambda x, w: ops_chunked.xla_conv(x, w, None), (x, w)),
       "conv: shift-and-add, autodiff": (
-          lambda x, w: ops_chunked._shift_conv_fwd_impl(x, w, None), (x, w)),
+          lambda x, w: ops_chunked.shift_conv_autodiff(x, w, None), (x, w)),
       "conv: shift-and-add, custom VJP": (lambda x, w: ops_chunked.shift_conv(x, w, None),
                                           (x, w)),
       "rewrite: wide q.k matmul (c_q*d=384)": (

@@ -59,7 +59,7 @@ def counted_flops(impl: str, t: int, batch: int = 1, heads: int = HEADS, d: int 
 def worker(cfg: dict) -> dict:
   import jax
   import jax.numpy as jnp
-  from mta_jax import ops
+  from mta_jax import implementations, ops
 
   t, batch, impl = cfg["t"], cfg["batch"], cfg["impl"]
   keys = jax.random.split(jax.random.PRNGKey(0), 8)
@@ -76,8 +76,9 @@ def worker(cfg: dict) -> dict:
       return jnp.vdot(jax.nn.dot_product_attention(q, k, v, is_causal=True), ct)
   else:
     def loss(q, k, v, kp, kpo, mp, mpo):
-      out = ops.multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
-                                      head_mix_pre=mp, head_mix_post=mpo, implementation=impl)
+      out = implementations.multi_token_attention(
+          q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo, head_mix_pre=mp, head_mix_post=mpo,
+          implementation=impl)
       return jnp.vdot(out, ct)
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6)))
   res = common.measure(step, (q, k, v, kp, kpo, mp, mpo), cfg["repeats"], cfg["mem_budget_gib"])
@@ -89,7 +90,7 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--lengths", default="512,1024,2048,4096,8192")
   p.add_argument("--impls", default="softmax,chunked,xla",
-                 help="softmax and any name in mta_jax.ops.implementations()")
+                 help="softmax and any name in mta_jax.implementations.IMPLEMENTATIONS")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--long-repeats", type=int, default=1, help="repeats for T >= 4096")

@@ -1,4 +1,4 @@
-"""The paper's language-model runs (MTA_SPEC Sec. 9, Table 7) as TrainConfigs.
+"""The paper's language-model runs (docs/MTA.md Sec. 10; paper Table 7) as TrainConfigs.
 
 Used by `configs/paper_<size>_<family>.py`; size 300m / 550m / 880m / 1b, family baseline /
 talking_heads / mta. Training: context 2048, 128 rows x 2048 = 262,144 tokens per step,

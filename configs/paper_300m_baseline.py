@@ -1,4 +1,4 @@
-"""The paper's 300M model, baseline family (MTA_SPEC Sec. 9); training setup in configs/paper.py."""
+"""The paper's 300M model, baseline family (paper Table 7); training setup in configs/paper.py."""
 
 from configs import paper
 

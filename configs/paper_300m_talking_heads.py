@@ -1,4 +1,4 @@
-"""The paper's 300M model, talking_heads family (MTA_SPEC Sec. 9); training setup in configs/paper.py."""
+"""The paper's 300M talking_heads model (paper Table 7); training setup: configs/paper.py."""
 
 from configs import paper
 

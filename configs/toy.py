@@ -1,4 +1,4 @@
-"""The motivating toy task (paper Sec. 4.1, MTA_SPEC Sec. 10): find the block holding all query
+"""The motivating toy task (docs/MTA.md Sec. 11; paper Sec. 4.1): find the block holding all query
 letters and output it. `python train.py` (no arguments) runs this file's default.
 
 Variant string: `<family>[_n<N>][_<all|first|last>][_paper]`, parts in any order, e.g.
@@ -28,7 +28,7 @@ VARIANTS = ("all", "first", "last")
 # The reduced scale of the default run (see README "Toy task").
 REDUCED = dict(n_blocks=6, d_model=64, n_layers=4, n_heads=2, batch_size=64, steps=3000,
                lr=3e-3, warmup=100)
-# The paper's scale (MTA_SPEC Sec. 10).
+# The paper's scale (docs/MTA.md Sec. 11; paper Sec. 4.1).
 PAPER = dict(n_blocks=52, d_model=256, n_layers=4, n_heads=2, batch_size=64, steps=100_000,
              lr=1e-4, warmup=1000)
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mta_jax import ops
+from mta_jax import implementations, ops
 from mta_jax.config import ModelConfig
 from mta_jax.layers import INIT_STD, normal, ones, param, rms_norm, zeros, apply_rope
 from mta_jax.sharding import constrain
@@ -102,7 +102,7 @@ class Attention(nnx.Module):
     return any(w is not None for w in (self.kq_pre, self.kq_post, self.mix_pre, self.mix_post))
 
   def project(self, x_BxTxD: Array, positions_BxT: Array) -> tuple[Array, Array, Array]:
-    """q, k, v [B, T, H, hd] with RoPE applied. (A decoding cache appends k, v from here.)"""
+    """q, k, v [B, T, H, hd] with RoPE applied."""
     dt = x_BxTxD.dtype
     q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...].astype(dt))
@@ -121,7 +121,7 @@ class Attention(nnx.Module):
     if not self.uses_mta_op and rate == 0.0:
       return ops.dot_product_attention(q, k, v, segment_ids=segment_ids_BxT)
     get = lambda w: None if w is None else w[...]
-    return ops.multi_token_attention(
+    return implementations.multi_token_attention(
         q, k, v, kq_kernel_pre=get(self.kq_pre), kq_kernel_post=get(self.kq_post),
         head_mix_pre=get(self.mix_pre), head_mix_post=get(self.mix_post),
         segment_ids=segment_ids_BxT, implementation=a.implementation,

@@ -1,4 +1,4 @@
-"""Checkpoints: the only module that calls Orbax.
+"""Checkpoints of a training run: an Orbax CheckpointManager (plain PyTree files: tree_io.py).
 
 A run's workdir holds `checkpoints/<step>/` directories written by an Orbax CheckpointManager,
 each with four items:
@@ -38,7 +38,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -47,7 +47,7 @@ from etils import epath
 from flax import nnx
 
 from mta_jax import config as config_lib
-from mta_jax import paths
+from mta_jax import paths, tree_io
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,6 @@ FORMAT_VERSION = 1
 ITEMS = ("params", "opt_state", "data_iter", "meta")
 CHECKPOINT_SUBDIR = "checkpoints"
 
-# Model-config fields that do not change the parameters: a checkpoint restores across them.
-_RESTORE_COMPATIBLE_FIELDS = frozenset({
-    "dtype", "param_dtype", "remat", "max_len", "attention.implementation", "attention.dropout",
-    "attention.init", "attention.init_const"})
-
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be used; the message names the path and what to do."""
@@ -85,56 +80,8 @@ class IncompatibleCheckpointError(config_lib.ConfigError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Trees <-> path-keyed nested dicts
+# Train states
 # ---------------------------------------------------------------------------------------------
-
-
-def _is_leaf(x) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _key_str(k) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _unwrap(x):
-  return x.get_value() if isinstance(x, nnx.Variable) else x
-
-
-def flatten(tree) -> dict[tuple[str, ...], Any]:
-  """{path tuple of str: leaf} with nnx Variables unwrapped."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
-  return {tuple(_key_str(k) for k in path): _unwrap(v) for path, v in flat}
-
-
-def nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    d = out
-    for k in path[:-1]:
-      d = d.setdefault(k, {})
-    d[path[-1]] = v
-  return out
-
-
-def to_storable(tree) -> dict:
-  """Any pytree -> nested dict of arrays keyed by its path (the on-disk layout)."""
-  return nest(flatten(tree))
-
-
-def fill(abstract, flat: Mapping[tuple[str, ...], Any]):
-  """`abstract` (any pytree, nnx Variables allowed) with its leaves replaced from `flat`."""
-  def one(path, leaf):
-    value = flat[tuple(_key_str(k) for k in path)]
-    return leaf.replace(value) if isinstance(leaf, nnx.Variable) else value
-  return jax.tree_util.tree_map_with_path(one, abstract, is_leaf=_is_leaf)
-
-
-def path_str(path: tuple[str, ...]) -> str:
-  return ".".join(path)
 
 
 def split_train_state(train_state) -> dict[str, Any]:
@@ -151,24 +98,6 @@ def split_train_state(train_state) -> dict[str, Any]:
                     f"{sorted(fields)}).")
   params = fields.pop("params")
   return {"params": params, "opt_state": fields}
-
-
-def _abstract_leaf(x, sharding):
-  if sharding is None:
-    sharding = getattr(x, "sharding", None)
-  if sharding is None:
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
-
-
-def abstract_storable(abstract_tree, shardings=None) -> dict:
-  """Restore target: nested dict of ShapeDtypeStruct carrying the CURRENT mesh's shardings."""
-  flat = flatten(abstract_tree)
-  flat_sh = {}
-  if shardings is not None:
-    flat_sh = flatten(jax.tree.map(lambda s: s, shardings, is_leaf=lambda s: isinstance(
-        s, (jax.sharding.Sharding, nnx.Variable))))
-  return nest({p: _abstract_leaf(v, flat_sh.get(p)) for p, v in flat.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,87 +173,11 @@ def _iter_state(data_iter):
 
 
 # ---------------------------------------------------------------------------------------------
-# Config compatibility
+# Compatibility with the current model
 # ---------------------------------------------------------------------------------------------
 
 
-def _flat_dict(d: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(_flat_dict(v, key + "."))
-    else:
-      out[key] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def model_config_from_dict(d: Mapping) -> config_lib.ModelConfig:
-  """ModelConfig from its `dataclasses.asdict` form (unknown keys are an error)."""
-  d = dict(d)
-  att = dict(d.pop("attention", {}))
-  if att.get("kq_layers") is not None:
-    att["kq_layers"] = tuple(att["kq_layers"])
-  try:
-    return config_lib.ModelConfig(**d, attention=config_lib.AttentionConfig(**att))
-  except TypeError as e:
-    raise CheckpointError(f"stored model config does not match this code's ModelConfig: {e}")
-
-
-def resolved_model_fields(m: config_lib.ModelConfig) -> dict[str, Any]:
-  """The model config as flat 'a.b' fields, with derived sizes resolved."""
-  out = _flat_dict(dataclasses.asdict(m))
-  out["head_dim"] = m.resolved_head_dim
-  out["ffn_hidden"] = m.resolved_ffn_hidden
-  out["attention.c_h"] = m.resolved_c_h
-  out["attention.kq_layers"] = list(m.kq_layer_indices())
-  for k in ("attention.kq_every", "attention.kq_offset"):  # folded into kq_layers
-    out.pop(k)
-  a = m.attention
-  unused = []  # sizes of features that are off do not matter
-  if not a.pre_conv:
-    unused += ["attention.c_q", "attention.c_k"]
-  if not a.post_conv:
-    unused += ["attention.post_c_q", "attention.post_c_k"]
-  if not (a.head_mix_pre or a.head_mix_post):
-    unused += ["attention.c_h"]
-  if not a.group_norm:
-    unused += ["attention.norm_scaling"]
-  for k in unused:
-    out.pop(k)
-  return out
-
-
-def model_config_diff(stored: config_lib.ModelConfig, current: config_lib.ModelConfig,
-                      ignore: Iterable[str] = _RESTORE_COMPATIBLE_FIELDS) -> list[str]:
-  """['model.attention.pre_conv: checkpoint False, current True', ...]"""
-  a, b = resolved_model_fields(stored), resolved_model_fields(current)
-  ignore = set(ignore)
-  diffs = []
-  for k in sorted(set(a) & set(b)):  # a size only one side uses shows up as its feature flag
-    if k not in ignore and a[k] != b[k]:
-      diffs.append(f"model.{k}: checkpoint {a[k]!r}, current {b[k]!r}")
-  return diffs
-
-
-def tree_shape_diff(stored: Mapping[tuple[str, ...], Any],
-                    target: Mapping[tuple[str, ...], Any], item: str) -> list[str]:
-  """Missing / unexpected / reshaped leaves between two flat {path: array-like} maps."""
-  diffs = []
-  for p in sorted(set(target) - set(stored)):
-    diffs.append(f"{item}.{path_str(p)}: missing in checkpoint (current shape "
-                 f"{tuple(target[p].shape)})")
-  for p in sorted(set(stored) - set(target)):
-    diffs.append(f"{item}.{path_str(p)}: in checkpoint (shape {tuple(stored[p].shape)}) but "
-                 "not in the current model")
-  for p in sorted(set(stored) & set(target)):
-    if tuple(stored[p].shape) != tuple(target[p].shape):
-      diffs.append(f"{item}.{path_str(p)}: checkpoint shape {tuple(stored[p].shape)}, current "
-                   f"{tuple(target[p].shape)}")
-  return diffs
-
-
-def _raise_incompatible(where: str, diffs: list[str], hint: str = "") -> None:
+def raise_incompatible(where: str, diffs: list[str], hint: str = "") -> None:
   if not diffs:
     return
   shown = "\n  ".join(diffs[:20])
@@ -332,32 +185,6 @@ def _raise_incompatible(where: str, diffs: list[str], hint: str = "") -> None:
   raise IncompatibleCheckpointError(
       f"checkpoint at {where} does not fit the current model:\n  {shown}{more}\n"
       f"{hint or 'Use the config the checkpoint was written with, or a fresh workdir.'}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Plain PyTree save / restore (exports)
-# ---------------------------------------------------------------------------------------------
-
-
-def save_tree(path, tree) -> None:
-  """Synchronously write one PyTree (nested dict of arrays) as an Orbax checkpoint at `path`."""
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(epath.Path(paths.resolve(path)), tree)
-    ckptr.wait_until_finished()
-
-
-def tree_metadata(path) -> dict[tuple[str, ...], Any]:
-  """Flat {path: metadata with .shape/.dtype} of an Orbax PyTree checkpoint directory."""
-  with ocp.StandardCheckpointer() as ckptr:
-    md = ckptr.metadata(epath.Path(paths.resolve(path)))
-  md = getattr(md, "item_metadata", md)
-  return flatten(md.tree if hasattr(md, "tree") else md)
-
-
-def restore_tree(path, target) -> dict:
-  """Restore a PyTree checkpoint into `target` (nested dict of ShapeDtypeStruct w/ shardings)."""
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(epath.Path(paths.resolve(path)), target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,10 +200,14 @@ class Checkpointer:
   """Orbax CheckpointManager for one run's workdir: periodic async saves, retention, resume,
   SIGTERM / preemption handling."""
 
-  def __init__(self, workdir, cfg: config_lib.TrainConfig, *, install_signal_handler=True,
+  def __init__(self, workdir, cfg: config_lib.TrainConfig | None = None, *,
                read_only: bool = False):
+    """`cfg` is the run's config (saved with every step, and what a restore must fit); a
+    read-only Checkpointer (export, evaluation of stored steps) may go without one."""
+    if cfg is None and not read_only:
+      raise TypeError("Checkpointer: a writable checkpointer needs the run's TrainConfig.")
     self.cfg = cfg
-    self.ccfg = cfg.checkpoint
+    self.ccfg = cfg.checkpoint if cfg is not None else config_lib.CheckpointConfig()
     self.directory = checkpoint_dir(workdir)
     self.read_only = read_only
     if not read_only:
@@ -406,7 +237,7 @@ class Checkpointer:
     self._closed = False
     atexit.register(self._finish_at_exit)  # an exception in the loop still completes saves
     self._prev_handler = None
-    if (install_signal_handler and not read_only and jax.process_count() == 1
+    if (not read_only and jax.process_count() == 1
         and threading.current_thread() is threading.main_thread()):
       # Multi-process runs rely on JAX's preemption sync point instead (see should_stop).
       self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -417,10 +248,6 @@ class Checkpointer:
     del signum, frame
     self._stop_requested = True
     log.warning("SIGTERM received: saving at the next step boundary, then exiting.")
-
-  def request_stop(self) -> None:
-    """What SIGTERM does: save at the next `maybe_save` and make `should_stop` true."""
-    self._stop_requested = True
 
   def should_stop(self, step: int) -> bool:
     """True once SIGTERM arrived (single process) or JAX's preemption sync point is reached."""
@@ -467,8 +294,8 @@ class Checkpointer:
       return False
     parts = split_train_state(train_state)
     items = dict(
-        params=ocp.args.StandardSave(to_storable(parts["params"])),
-        opt_state=ocp.args.StandardSave(to_storable(parts["opt_state"])),
+        params=ocp.args.StandardSave(tree_io.to_storable(parts["params"])),
+        opt_state=ocp.args.StandardSave(tree_io.to_storable(parts["opt_state"])),
         meta=ocp.args.JsonSave(self._meta(step, meta)))
     state = _iter_state(data_iter)
     if state is not None:
@@ -483,9 +310,6 @@ class Checkpointer:
     """Save when the interval policy says so, or when a stop was requested (SIGTERM)."""
     stop = self.should_stop(step)
     return self.save(step, train_state, data_iter, meta, force=stop)
-
-  def wait(self) -> None:
-    self._mngr.wait_until_finished()
 
   def _finish_at_exit(self) -> None:
     if not self._closed:
@@ -516,19 +340,18 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))["meta"]
 
   def stored_shapes(self, step: int, item: str) -> dict[tuple[str, ...], Any]:
-    md = self._mngr.item_metadata(step)[item]
-    return flatten(md.tree if hasattr(md, "tree") else md)
+    return tree_io.metadata_tree(self._mngr.item_metadata(step)[item])
 
   def check_compatible(self, step: int, meta: Mapping, targets: Mapping[str, dict]) -> None:
     """Refuse a checkpoint of another model: config fields first, then leaf shapes."""
     where = str(self.directory / str(step))
     stored_cfg = meta.get("config", {}).get("model")
-    if stored_cfg is not None:
-      diffs = model_config_diff(model_config_from_dict(stored_cfg), self.cfg.model)
-      _raise_incompatible(where, diffs)
+    if stored_cfg is not None and self.cfg is not None:
+      stored_model = config_lib.from_dict(config_lib.ModelConfig, stored_cfg, "meta.model")
+      raise_incompatible(where, config_lib.model_config_diff(stored_model, self.cfg.model))
     for item, target in targets.items():
-      _raise_incompatible(where, tree_shape_diff(self.stored_shapes(step, item),
-                                                 flatten(target), item))
+      raise_incompatible(where, tree_io.tree_shape_diff(self.stored_shapes(step, item),
+                                                        tree_io.flatten(target), item))
 
   def _quarantine(self, step: int) -> None:
     if jax.process_index() == 0:
@@ -564,46 +387,23 @@ class Checkpointer:
     parts = split_train_state(abstract_train_state)
     sh_parts = (split_train_state(shardings) if shardings is not None
                 else {"params": None, "opt_state": None})
-    targets = {k: abstract_storable(parts[k], sh_parts[k]) for k in ("params", "opt_state")}
+    targets = {k: tree_io.abstract_storable(parts[k], sh_parts[k])
+               for k in ("params", "opt_state")}
     errors: list[str] = []
     bad: list[int] = []
     for step in steps:
       try:
-        meta = self.read_meta(step)
-        self.check_compatible(step, meta, targets)
+        meta, restored = self._restore_step(step, targets, data_iter)
       except IncompatibleCheckpointError:
         raise  # another model's checkpoint: refuse, never fall back past it
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
         errors.append(self._unreadable(step, e))
         bad.append(step)
         continue
-      same_processes = meta.get("process_count", 1) == jax.process_count()
-      has_iter = (self.directory / str(step) / "data_iter").exists()
-      want_iter = data_iter is not None and same_processes and has_iter
-      args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
-      if want_iter:
-        args["data_iter"] = DataIterRestore()
-      try:
-        restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
-        jax.block_until_ready(restored["params"])
-      except Exception as e:  # noqa: BLE001
-        errors.append(self._unreadable(step, e))
-        bad.append(step)
-        continue
-      meta = dict(meta)
-      meta["data_restarted"] = data_iter is not None and not want_iter
-      if want_iter:
-        data_iter.set_state(restored["data_iter"])
-      elif data_iter is not None:
-        why = (f"was written by {meta.get('process_count')} process(es) and this run has "
-               f"{jax.process_count()}" if not same_processes else "holds no data-iterator state")
-        log.warning(
-            "checkpoint step %d %s: the data iterator position cannot follow. The data stream "
-            "restarts from its beginning (deterministically, from the configured seed); "
-            "examples seen before the checkpoint may be seen again.", step, why)
+      _follow_data_iter(step, meta, restored, data_iter)
       state = _rebuild(abstract_train_state, {
-          "params": fill(parts["params"], flatten(restored["params"])),
-          "opt_state": fill(parts["opt_state"], flatten(restored["opt_state"]))})
+          "params": tree_io.fill(parts["params"], tree_io.flatten(restored["params"])),
+          "opt_state": tree_io.fill(parts["opt_state"], tree_io.flatten(restored["opt_state"]))})
       for b in bad:  # newer than `step` and unreadable: move aside so the step can be re-saved
         self._quarantine(b)
       if errors:
@@ -615,6 +415,21 @@ class Checkpointer:
         f"no readable checkpoint in {self.directory}:\n  " + "\n  ".join(errors) +
         "\nNothing was moved or deleted. Move the directory away to start fresh, or restore a "
         "good copy.")
+
+  def _restore_step(self, step: int, targets: Mapping[str, dict], data_iter):
+    """(meta, restored items) of `step`; raises if it is unreadable or of another model."""
+    meta = dict(self.read_meta(step))
+    self.check_compatible(step, meta, targets)
+    same_processes = meta.get("process_count", 1) == jax.process_count()
+    has_iter = (self.directory / str(step) / "data_iter").exists()
+    want_iter = data_iter is not None and same_processes and has_iter
+    args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+    if want_iter:
+      args["data_iter"] = DataIterRestore()
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+    jax.block_until_ready(restored["params"])
+    meta["data_restarted"] = data_iter is not None and not want_iter
+    return meta, restored
 
   def _unreadable(self, step: int, e: Exception) -> str:
     first = str(e).splitlines()[0] if str(e) else ""
@@ -629,14 +444,22 @@ class Checkpointer:
     return self._mngr.restore(step, args=ocp.args.Composite(
         **{item: ocp.args.StandardRestore(target)}))[item]
 
-  def restore_params(self, step: int | None, abstract_params, shardings=None):
-    """Only the parameters of `step` (None: latest), e.g. for evaluation or export."""
-    step = self._mngr.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no checkpoint in {self.directory}.")
-    target = abstract_storable(abstract_params, shardings)
-    r = self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    return fill(abstract_params, flatten(r["params"]))
+
+
+def _follow_data_iter(step: int, meta: Mapping, restored: Mapping, data_iter) -> None:
+  """Moves `data_iter` to the restored position, or warns that the data stream restarts."""
+  if data_iter is None:
+    return
+  if not meta["data_restarted"]:
+    data_iter.set_state(restored["data_iter"])
+    return
+  same_processes = meta.get("process_count", 1) == jax.process_count()
+  why = (f"was written by {meta.get('process_count')} process(es) and this run has "
+         f"{jax.process_count()}" if not same_processes else "holds no data-iterator state")
+  log.warning(
+      "checkpoint step %d %s: the data iterator position cannot follow. The data stream "
+      "restarts from its beginning (deterministically, from the configured seed); "
+      "examples seen before the checkpoint may be seen again.", step, why)
 
 
 def _rebuild(abstract_train_state, parts: Mapping[str, Any]):
@@ -667,8 +490,3 @@ def checkpoint_dir(workdir) -> epath.Path:
   """`<workdir>/checkpoints`, absolute (Orbax refuses relative checkpoint paths)."""
   return epath.Path(paths.resolve(workdir)) / CHECKPOINT_SUBDIR
 
-
-def export_main(cfg: config_lib.TrainConfig, workdir: str, flags=None) -> str:
-  """`python train.py --mode=export`: see `mta_jax.export` (layout and `load_exported`)."""
-  from mta_jax import export  # export builds on this module
-  return export.export_main(cfg, workdir, flags)

@@ -8,7 +8,7 @@ inconsistent settings with a message naming the field, before anything is compil
 import dataclasses
 import math
 import typing
-from typing import Optional
+from typing import Any, Iterable, Mapping, Optional
 
 
 class ConfigError(ValueError):
@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class AttentionConfig:
-  """What each layer's attention does (MTA_SPEC Sec. 1-6). All off = a plain Transformer."""
+  """What each layer's attention does (docs/MTA.md Sec. 2-8). All off = a plain Transformer."""
   # Key-query convolutions (only on `kq_layers`, see `ModelConfig.kq_layer_indices`).
   pre_conv: bool = False           # Eq. 5, on logits before softmax
   post_conv: bool = False          # Eq. 6, on weights after softmax
@@ -44,10 +44,6 @@ class AttentionConfig:
   init_const: float = 0.1
   dropout: float = 0.0             # attention-weight dropout, training only
   implementation: str = "chunked"  # "chunked" (exact, O(block x T) memory) | "xla" (reference)
-
-  @property
-  def uses_mta_op(self) -> bool:
-    return self.pre_conv or self.post_conv or self.head_mix_pre or self.head_mix_post
 
 
 @dataclasses.dataclass
@@ -95,7 +91,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class ToyConfig:
-  """The motivating toy task (MTA_SPEC Sec. 10)."""
+  """The motivating toy task (docs/MTA.md Sec. 11; paper Sec. 4.1)."""
   block_len: int = 5               # N letters per block
   n_query: int = 2                 # L query letters
   n_blocks: int = 52
@@ -198,7 +194,7 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Paper presets (MTA_SPEC Sec. 9, Table 7)
+# Paper presets (docs/MTA.md Sec. 10; paper Table 7)
 # ---------------------------------------------------------------------------------------------
 
 PAPER_SIZES = {
@@ -239,7 +235,8 @@ def paper_model(size: str, family: str) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _choice(field: str, value, choices) -> None:
+def check_choice(field: str, value, choices) -> None:
+  """ConfigError naming `field` unless `value` is one of `choices`."""
   if value not in choices:
     raise ConfigError(f"{field}={value!r} is not allowed; choose one of {tuple(choices)}.")
 
@@ -255,10 +252,10 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
   if m.resolved_head_dim % 2:
     raise ConfigError(f"head_dim={m.resolved_head_dim} must be even for RoPE "
                       f"({prefix}.head_dim / {prefix}.d_model / {prefix}.n_heads).")
-  _choice(f"{prefix}.dtype", m.dtype, ("float32", "bfloat16"))
-  _choice(f"{prefix}.param_dtype", m.param_dtype, ("float32", "bfloat16"))
-  _choice(f"{prefix}.attention.norm_scaling", a.norm_scaling, ("gate", "depth", "none"))
-  _choice(f"{prefix}.attention.init", a.init, ("identity", "zero", "const"))
+  check_choice(f"{prefix}.dtype", m.dtype, ("float32", "bfloat16"))
+  check_choice(f"{prefix}.param_dtype", m.param_dtype, ("float32", "bfloat16"))
+  check_choice(f"{prefix}.attention.norm_scaling", a.norm_scaling, ("gate", "depth", "none"))
+  check_choice(f"{prefix}.attention.init", a.init, ("identity", "zero", "const"))
   for field in ("c_q", "c_k", "post_c_q", "post_c_k"):
     if getattr(a, field) < 1:
       raise ConfigError(f"{prefix}.attention.{field} must be >= 1; got {getattr(a, field)}.")
@@ -277,15 +274,93 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
       raise ConfigError(f"{prefix}.attention.kq_layers has layer {i}, outside 0..{m.n_layers - 1}.")
   if not 0.0 <= a.dropout < 1.0:
     raise ConfigError(f"{prefix}.attention.dropout must be in [0, 1); got {a.dropout}.")
-  from mta_jax import ops  # local import: config stays importable without jax work
-  if a.implementation not in ops.implementations():
-    raise ConfigError(f"{prefix}.attention.implementation={a.implementation!r} is unknown; "
-                      f"choose one of {ops.implementations()}.")
+  from mta_jax import implementations  # local import: config stays importable without jax
+  check_choice(f"{prefix}.attention.implementation", a.implementation, implementations.names())
 
 
 def to_dict(cfg) -> dict:
   """The resolved config as plain JSON-able data."""
   return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: Mapping, where: str = "config"):
+  """The inverse of `to_dict` for the config dataclass `cls` (JSON lists become tuples).
+
+  Unknown fields are a ConfigError naming them (a config written by another version)."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - set(fields))
+  if unknown:
+    raise ConfigError(f"{where}: unknown config fields {unknown} for {cls.__name__} (written by "
+                      "a different version of mta_jax?).")
+  kwargs = {}
+  for name, value in d.items():
+    factory = fields[name].default_factory
+    default = factory() if factory is not dataclasses.MISSING else None
+    if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+      kwargs[name] = from_dict(type(default), value, f"{where}.{name}")
+    elif isinstance(value, list):
+      kwargs[name] = tuple(value)
+    else:
+      kwargs[name] = value
+  return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model compatibility: which stored parameters a model config can use
+# ---------------------------------------------------------------------------------------------
+
+# Model-config fields that do not change the parameters: a checkpoint restores across them.
+RESTORE_COMPATIBLE_FIELDS = frozenset({
+    "dtype", "param_dtype", "remat", "max_len", "attention.implementation", "attention.dropout",
+    "attention.init", "attention.init_const"})
+
+
+def _flat_dict(d: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_flat_dict(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def resolved_model_fields(m: ModelConfig) -> dict[str, Any]:
+  """The model config as flat 'a.b' fields, with derived sizes resolved and the sizes of
+  features that are off left out."""
+  out = _flat_dict(dataclasses.asdict(m))
+  out["head_dim"] = m.resolved_head_dim
+  out["ffn_hidden"] = m.resolved_ffn_hidden
+  out["attention.c_h"] = m.resolved_c_h
+  out["attention.kq_layers"] = list(m.kq_layer_indices())
+  for k in ("attention.kq_every", "attention.kq_offset"):  # folded into kq_layers
+    out.pop(k)
+  a = m.attention
+  unused = []
+  if not a.pre_conv:
+    unused += ["attention.c_q", "attention.c_k"]
+  if not a.post_conv:
+    unused += ["attention.post_c_q", "attention.post_c_k"]
+  if not (a.head_mix_pre or a.head_mix_post):
+    unused += ["attention.c_h"]
+  if not a.group_norm:
+    unused += ["attention.norm_scaling"]
+  for k in unused:
+    out.pop(k)
+  return out
+
+
+def model_config_diff(stored: ModelConfig, current: ModelConfig,
+                      ignore: Iterable[str] = RESTORE_COMPATIBLE_FIELDS) -> list[str]:
+  """['model.attention.pre_conv: checkpoint False, current True', ...]"""
+  a, b = resolved_model_fields(stored), resolved_model_fields(current)
+  ignore = set(ignore)
+  diffs = []
+  for k in sorted(set(a) & set(b)):  # a size only one side uses shows up as its feature flag
+    if k not in ignore and a[k] != b[k]:
+      diffs.append(f"model.{k}: checkpoint {a[k]!r}, current {b[k]!r}")
+  return diffs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,8 +443,8 @@ def _validate_optim(o: OptimConfig, steps: int) -> None:
   for field in ("weight_decay", "clip_norm", "z_loss", "warmup_steps", "decay_steps"):
     if getattr(o, field) < 0:
       raise ConfigError(f"optim.{field} must be >= 0; got {getattr(o, field)}.")
-  _choice("optim.schedule", o.schedule, ("linear", "cosine", "constant"))
-  _choice("optim.decay_mask", o.decay_mask, ("matrices", "all"))
+  check_choice("optim.schedule", o.schedule, ("linear", "cosine", "constant"))
+  check_choice("optim.decay_mask", o.decay_mask, ("matrices", "all"))
   if not 0.0 <= o.min_lr_ratio <= 1.0:
     raise ConfigError(f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}.")
   if o.grad_accum < 1:
@@ -380,9 +455,21 @@ def _validate_optim(o: OptimConfig, steps: int) -> None:
                       f"{total} (optim.decay_steps, or steps when it is 0); lower the warmup.")
 
 
+def per_process_rows(global_rows: int, process_count: int, setting: str) -> int:
+  """Rows one process loads; ConfigError unless the global batch splits evenly."""
+  if global_rows < 1 or global_rows % process_count:
+    raise ConfigError(f"{setting}={global_rows} is not a positive multiple of the "
+                      f"{process_count} processes; each process loads an equal share of the "
+                      "global batch.")
+  return global_rows // process_count
+
+
 def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
              process_count: int = 1) -> None:
   """Rejects a bad TrainConfig before anything is built; every message names the field.
+
+  What needs the data itself (the toy task's sample length, the tokenizer's vocabulary) is
+  checked by `mta_jax.data.validate_data(cfg)`, which `train_lib.setup` runs right after.
 
   Args:
     cfg: the whole configuration.
@@ -415,18 +502,19 @@ def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
   for field in ("every_steps", "keep_last", "keep_every"):
     if getattr(c, field) < 0:
       raise ConfigError(f"checkpoint.{field} must be >= 0; got {getattr(c, field)}.")
-  from mta_jax.data import validate_data  # sources, tokenizer, toy task (imported late: cycle)
-  validate_data(cfg)
-
+  validate_data(d)
   if process_count < 1:
     raise ValueError(f"process_count must be >= 1; got {process_count}.")
   for name, rows in (("data.batch_size", d.batch_size),
                      ("data.eval_batch_size", d.eval_batch_size or d.batch_size)):
-    if rows % process_count:
-      raise ConfigError(f"{name}={rows} is not divisible by the {process_count} processes; "
-                        "each process loads an equal share of the global batch.")
-  if n_devices is None:
-    return
+    per_process_rows(rows, process_count, name)
+  if n_devices is not None:
+    _validate_mesh(cfg, n_devices)
+
+
+def _validate_mesh(cfg: "TrainConfig", n_devices: int) -> None:
+  """The mesh covers `n_devices`, and batches and heads split evenly over its axes."""
+  d = cfg.data
   data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, n_devices)
   dp = data * fsdp
   for name, rows in (("data.batch_size", d.batch_size),
@@ -450,36 +538,19 @@ def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Data settings (static checks; `mta_jax.data.validate_data(cfg)` adds the vocabulary check)
+# Data settings (static checks; `mta_jax.data.validate_data(cfg)` adds the toy task and the
+# vocabulary)
 # ---------------------------------------------------------------------------------------------
 
 
 def validate_data(d: DataConfig, prefix: str = "data") -> None:
   """Rejects bad data settings without touching files; every message names the field."""
-  _choice(f"{prefix}.source", d.source, ("toy", "synthetic", "tfds", "text"))
-  _choice(f"{prefix}.packing", d.packing, ("concat", "first_fit"))
-  _choice(f"{prefix}.long_docs", d.long_docs, ("split", "error"))
+  check_choice(f"{prefix}.source", d.source, ("toy", "synthetic", "tfds", "text"))
+  check_choice(f"{prefix}.packing", d.packing, ("concat", "first_fit"))
+  check_choice(f"{prefix}.long_docs", d.long_docs, ("split", "error"))
   for field in ("workers", "prefetch", "pack_bins", "synthetic_vocab_size"):
     if getattr(d, field) < 0:
       raise ConfigError(f"{prefix}.{field} must be >= 0; got {getattr(d, field)}.")
-  if d.source == "toy":
-    t = d.toy
-    _choice(f"{prefix}.toy.variant", t.variant, ("all", "first", "last"))
-    if not 1 <= t.block_len <= 25:
-      raise ConfigError(f"{prefix}.toy.block_len={t.block_len} must be in 1..25 (distinct "
-                        "lowercase letters, and blocks must be able to miss a query letter).")
-    if not 1 <= t.n_query <= t.block_len:
-      raise ConfigError(f"{prefix}.toy.n_query={t.n_query} must be in 1..{prefix}.toy.block_len"
-                        f"={t.block_len}.")
-    for field in ("n_blocks", "n_train", "n_test"):
-      if getattr(t, field) < 1:
-        raise ConfigError(f"{prefix}.toy.{field} must be >= 1; got {getattr(t, field)}.")
-    need = (t.n_blocks * (t.block_len + 1) + t.n_query + int(t.answer_sep)
-            + (t.block_len if t.variant == "all" else 1))
-    if d.seq_len < need:
-      raise ConfigError(f"{prefix}.seq_len={d.seq_len} is too short for the toy task: one sample "
-                        f"needs {need} positions; set {prefix}.seq_len >= {need} (or shrink "
-                        f"{prefix}.toy.n_blocks / block_len).")
   if d.source == "tfds" and not d.tfds_name:
     raise ConfigError(f"{prefix}.source='tfds' needs {prefix}.tfds_name (e.g. 'lm1b', prepared "
                       "in array_record format).")

@@ -1,4 +1,4 @@
-"""Params-only exports, loading them back, and retrofitting MTA onto a baseline (paper App. I).
+"""Params-only exports and loading them back.
 
 Export layout (one self-contained directory; nothing refers back to the training workdir):
 
@@ -38,7 +38,7 @@ from flax import nnx
 
 from mta_jax import checkpoint as ckpt_lib
 from mta_jax import config as config_lib
-from mta_jax import ops, sharding
+from mta_jax import sharding, tree_io
 from mta_jax.model import TransformerLM
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,6 @@ EXPORT_VERSION = 1
 MANIFEST = "export.json"
 SAFETENSORS = "model.safetensors"
 TOKENIZER = "tokenizer.model"
-
-# Parameters that only MTA / talking-heads / group-norm layers have (leaf names in the tree).
-MTA_PARAM_NAMES = frozenset({"kq_pre", "kq_post", "mix_pre", "mix_post", "norm_scale", "gate_w",
-                             "gate_b"})
-
 
 class ExportError(RuntimeError):
   """A missing, incomplete or corrupt export; the message names the path."""
@@ -66,35 +61,6 @@ class Exported:
   step: int
   tokenizer: Optional[str]      # absolute path of the exported tokenizer file, or None
   manifest: dict
-
-
-# ---------------------------------------------------------------------------------------------
-# Config (de)serialisation
-# ---------------------------------------------------------------------------------------------
-
-
-def _dataclass_from_dict(cls, d: Mapping, where: str):
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - set(fields))
-  if unknown:
-    raise ExportError(f"{where}: unknown config fields {unknown} for {cls.__name__} (written by "
-                      "a different version of mta_jax?).")
-  kwargs = {}
-  for name, value in d.items():
-    default = fields[name].default_factory() if fields[name].default_factory is not \
-        dataclasses.MISSING else None
-    if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
-      kwargs[name] = _dataclass_from_dict(type(default), value, f"{where}.{name}")
-    elif isinstance(value, list):
-      kwargs[name] = tuple(value)
-    else:
-      kwargs[name] = value
-  return cls(**kwargs)
-
-
-def train_config_from_dict(d: Mapping, where: str = "config") -> config_lib.TrainConfig:
-  """TrainConfig from `config.to_dict` output (JSON lists become tuples)."""
-  return _dataclass_from_dict(config_lib.TrainConfig, d, where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +90,7 @@ def _file_hashes(root: str) -> dict[str, str]:
 def _export_dtypes(model_cfg: config_lib.ModelConfig) -> dict[tuple[str, ...], Any]:
   """Leaf dtypes of the model `model_cfg` describes (MTA weights stay float32)."""
   abstract = nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0)))
-  return {p: v.dtype for p, v in ckpt_lib.flatten(nnx.state(abstract, nnx.Param)).items()}
+  return {p: v.dtype for p, v in tree_io.flatten(nnx.state(abstract, nnx.Param)).items()}
 
 
 def write_export(out_dir: str, params_flat: Mapping[tuple[str, ...], np.ndarray],
@@ -146,13 +112,13 @@ def write_export(out_dir: str, params_flat: Mapping[tuple[str, ...], np.ndarray]
   tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-{int(time.time())}")
   try:
     os.makedirs(tmp)
-    ckpt_lib.save_tree(os.path.join(tmp, "params"), ckpt_lib.nest(params_flat))
+    tree_io.save_tree(os.path.join(tmp, "params"), tree_io.nest(params_flat))
     cfg_dict = config_lib.to_dict(cfg)
     cfg_json = json.dumps(cfg_dict, indent=2, sort_keys=True)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(cfg_json)
     from safetensors.numpy import save_file
-    save_file({ckpt_lib.path_str(p): np.array(v, order="C") for p, v in params_flat.items()},
+    save_file({tree_io.path_str(p): np.array(v, order="C") for p, v in params_flat.items()},
               os.path.join(tmp, SAFETENSORS),
               metadata={"format": EXPORT_FORMAT, "config": json.dumps(cfg_dict["model"]),
                         "step": str(step)})
@@ -185,29 +151,30 @@ def export_checkpoint(workdir: str, out_dir: str, *, dtype: str = "", step: Opti
   warning when its model differs. dtype "bfloat16" casts every parameter that a
   `param_dtype=bfloat16` model keeps in bf16 (the MTA kernels stay float32).
   """
-  config_lib._choice("checkpoint.export_dtype", dtype, ("", "float32", "bfloat16"))
+  config_lib.check_choice("checkpoint.export_dtype", dtype, ("", "float32", "bfloat16"))
   if jax.process_count() > 1:
     raise ExportError("export gathers every parameter on one host: run --mode=export as a "
                       "single process (any device count; the checkpoint is resharded).")
   if not ckpt_lib.checkpoint_dir(workdir).exists():
     raise ExportError(f"no checkpoints in {workdir} (expected {ckpt_lib.checkpoint_dir(workdir)}"
                       "); train first, or pass the run's --workdir.")
-  ck = ckpt_lib.Checkpointer(workdir, cfg or config_lib.TrainConfig(), read_only=True)
+  ck = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     step = ck.latest_step() if step is None or step < 0 else int(step)
     if step is None or step not in ck.all_steps():
       raise ExportError(f"checkpoint step {step} not found in {ck.directory}; available: "
                         f"{ck.all_steps()}.")
     meta = ck.read_meta(step)
-    stored = train_config_from_dict(meta["config"], f"{ck.directory}/{step}/meta")
+    stored = config_lib.from_dict(config_lib.TrainConfig, meta["config"],
+                                  f"{ck.directory}/{step}/meta")
     if cfg is not None:
-      diffs = ckpt_lib.model_config_diff(stored.model, cfg.model, ignore=())
+      diffs = config_lib.model_config_diff(stored.model, cfg.model, ignore=())
       if diffs:
         log.warning("exporting with the checkpoint's own model config, which differs from the "
                     "command line's: %s", "; ".join(diffs))
     shapes = ck.stored_shapes(step, "params")
-    target = ckpt_lib.nest({p: np.zeros(m.shape, m.dtype) for p, m in shapes.items()})
-    params = ckpt_lib.flatten(ck.restore_item(step, "params", target))
+    target = tree_io.nest({p: np.zeros(m.shape, m.dtype) for p, m in shapes.items()})
+    params = tree_io.flatten(ck.restore_item(step, "params", target))
   finally:
     ck.close()
   if dtype:
@@ -221,9 +188,8 @@ def export_checkpoint(workdir: str, out_dir: str, *, dtype: str = "", step: Opti
   return out
 
 
-def export_main(cfg: config_lib.TrainConfig, workdir: str, flags=None) -> str:
+def export_main(cfg: config_lib.TrainConfig, workdir: str) -> str:
   """`python train.py --mode=export`: export the run in `workdir` per cfg.checkpoint."""
-  del flags
   c = cfg.checkpoint
   out = c.export_dir or os.path.join(workdir, "export")
   path = export_checkpoint(workdir, out, dtype=c.export_dtype,
@@ -292,25 +258,26 @@ def load_exported(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
   """
   manifest = read_manifest(path, verify=verify)
   with open(os.path.join(path, "config.json")) as f:
-    cfg = train_config_from_dict(json.load(f), os.path.join(path, "config.json"))
+    cfg = config_lib.from_dict(config_lib.TrainConfig, json.load(f),
+                               os.path.join(path, "config.json"))
   if dtype:
     cfg.model.dtype = dtype
   abstract = nnx.eval_shape(lambda: TransformerLM(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, abs_params = nnx.split(abstract, nnx.Param)
   shardings = sharding.state_shardings(abs_params, mesh) if mesh is not None else None
-  want = ckpt_lib.flatten(abs_params)
+  want = tree_io.flatten(abs_params)
   if from_safetensors:
     from safetensors.numpy import load_file
     flat = {tuple(k.split(".")): v for k, v in load_file(os.path.join(path, SAFETENSORS)).items()}
     _check_tree(path, SAFETENSORS, flat, want)
-    sh = ckpt_lib.flatten(shardings) if shardings is not None else {}
+    sh = tree_io.flatten(shardings) if shardings is not None else {}
     flat = {p: jax.device_put(jnp.asarray(v, want[p].dtype), sh.get(p)) for p, v in flat.items()}
   else:
-    stored = ckpt_lib.tree_metadata(os.path.join(path, "params"))
+    stored = tree_io.tree_metadata(os.path.join(path, "params"))
     _check_tree(path, "params", stored, want)
-    target = ckpt_lib.abstract_storable(abs_params, shardings)
-    flat = ckpt_lib.flatten(ckpt_lib.restore_tree(os.path.join(path, "params"), target))
-  params = ckpt_lib.fill(abs_params, flat)
+    target = tree_io.abstract_storable(abs_params, shardings)
+    flat = tree_io.flatten(tree_io.restore_tree(os.path.join(path, "params"), target))
+  params = tree_io.fill(abs_params, flat)
   model = nnx.merge(graphdef, params)
   tok = os.path.join(os.path.abspath(path), manifest["tokenizer"]) if manifest.get(
       "tokenizer") else None
@@ -319,115 +286,7 @@ def load_exported(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
 
 
 def _check_tree(path, what, stored, want) -> None:
-  diffs = ckpt_lib.tree_shape_diff(stored, want, "params")
+  diffs = tree_io.tree_shape_diff(stored, want, "params")
   if diffs:
     raise ExportError(f"export {path!r}: {what} does not fit its config.json:\n  " +
                       "\n  ".join(diffs[:20]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Retrofit (paper App. I): an MTA model from a baseline's weights, MTA weights at identity
-# ---------------------------------------------------------------------------------------------
-
-
-def _identity_value(name: str, shape: tuple[int, ...], dtype) -> jax.Array:
-  if name in ("kq_pre", "kq_post"):
-    return ops.identity_kq_kernel(*shape, dtype=dtype)
-  if name in ("mix_pre", "mix_post"):
-    groups, c_h, _ = shape
-    return ops.identity_head_mix(groups * c_h, c_h, dtype)
-  if name == "norm_scale":
-    return jnp.ones(shape, dtype)
-  if name in ("gate_w", "gate_b"):
-    return jnp.zeros(shape, dtype)
-  raise KeyError(name)
-
-
-def _source(src: str):
-  """(kind, location, step) for a workdir / checkpoints dir / step dir / export dir."""
-  if not os.path.exists(src):
-    raise ExportError(f"checkpoint.init_from={src!r} does not exist; give a training workdir, "
-                      "one of its checkpoints/<step> directories, or an export directory.")
-  if os.path.isfile(os.path.join(src, MANIFEST)):
-    return "export", src, None
-  if os.path.isdir(os.path.join(src, ckpt_lib.CHECKPOINT_SUBDIR)):
-    return "workdir", src, None
-  base = os.path.basename(os.path.normpath(src))
-  parent = os.path.dirname(os.path.normpath(src))
-  if base == ckpt_lib.CHECKPOINT_SUBDIR:
-    return "workdir", parent, None
-  if base.isdigit() and os.path.basename(parent) == ckpt_lib.CHECKPOINT_SUBDIR:
-    return "workdir", os.path.dirname(parent), int(base)
-  raise ExportError(f"checkpoint.init_from={src!r} is neither an export (no {MANIFEST}) nor a "
-                    f"training workdir (no {ckpt_lib.CHECKPOINT_SUBDIR}/).")
-
-
-def retrofit(source: str, cfg: config_lib.TrainConfig, abstract_params, shardings=None):
-  """Parameters for `cfg.model` initialised from another run's weights (paper App. I).
-
-  Every parameter present in `source` is loaded (shapes must match); MTA parameters that the
-  source lacks (key-query kernels, head-mixing matrices, group-norm scale and gate) start at
-  identity, so with group norm and gate off the new model computes exactly what the source
-  did. Model fields other than `model.attention.*` must match the source.
-
-  Args:
-    source: a training workdir (latest checkpoint), a `checkpoints/<step>` directory, or an
-      export directory.
-    cfg: the new run's config.
-    abstract_params: the new model's params state (ShapeDtypeStruct or array leaves).
-    shardings: matching shardings for the current mesh (None: from the leaves / one device).
-  Returns:
-    `abstract_params` filled with arrays (same structure, e.g. an nnx.State of nnx.Param).
-  """
-  kind, loc, step = _source(source)
-  if kind == "export":
-    read_manifest(loc, verify=True)
-    with open(os.path.join(loc, "config.json")) as f:
-      stored_cfg = train_config_from_dict(json.load(f))
-    stored = ckpt_lib.tree_metadata(os.path.join(loc, "params"))
-  else:
-    ck = ckpt_lib.Checkpointer(loc, cfg, read_only=True)
-    try:
-      step = ck.latest_step() if step is None else step
-      if step is None:
-        raise ExportError(f"checkpoint.init_from={source!r}: no checkpoint in {ck.directory}.")
-      stored_cfg = train_config_from_dict(ck.read_meta(step)["config"])
-      stored = ck.stored_shapes(step, "params")
-    finally:
-      ck.close()
-  ignore = set(ckpt_lib._RESTORE_COMPATIBLE_FIELDS) | {
-      k for k in ckpt_lib.resolved_model_fields(cfg.model) if k.startswith("attention.")}
-  ckpt_lib._raise_incompatible(
-      source, ckpt_lib.model_config_diff(stored_cfg.model, cfg.model, ignore=ignore),
-      "Retrofit keeps every weight of the source model: only model.attention.* may differ.")
-  want = ckpt_lib.flatten(abstract_params)
-  # MTA weights the source lacks are initialised to identity below; every other leaf must match.
-  must_match = {p: v for p, v in want.items() if p in stored or p[-1] not in MTA_PARAM_NAMES}
-  diffs = ckpt_lib.tree_shape_diff(stored, must_match, "params")
-  ckpt_lib._raise_incompatible(source, diffs, "Retrofit needs a source with the same model "
-                               "except for its attention settings.")
-  shared = {p: want[p] for p in stored}
-  sh_flat = {}
-  if shardings is not None:
-    sh_flat = ckpt_lib.flatten(jax.tree.map(lambda s: s, shardings, is_leaf=lambda s: isinstance(
-        s, (jax.sharding.Sharding, nnx.Variable))))
-  target = ckpt_lib.nest({p: ckpt_lib._abstract_leaf(v, sh_flat.get(p)) for p, v in
-                          shared.items()})
-  if kind == "export":
-    loaded = ckpt_lib.restore_tree(os.path.join(loc, "params"), target)
-  else:
-    ck = ckpt_lib.Checkpointer(loc, cfg, read_only=True)
-    try:
-      loaded = ck.restore_item(step, "params", target)
-    finally:
-      ck.close()
-  flat = ckpt_lib.flatten(loaded)
-  added = []
-  for p in sorted(set(want) - set(stored)):
-    leaf = ckpt_lib._abstract_leaf(want[p], sh_flat.get(p))
-    flat[p] = jax.device_put(_identity_value(p[-1], leaf.shape, leaf.dtype), leaf.sharding)
-    added.append(ckpt_lib.path_str(p))
-  log.info("retrofit from %s%s: loaded %d parameter arrays, %d MTA parameters start at "
-              "identity (%s%s)", source, f" (step {step})" if step is not None else "",
-              len(stored), len(added), ", ".join(added[:6]), " ..." if len(added) > 6 else "")
-  return ckpt_lib.fill(abstract_params, flat)

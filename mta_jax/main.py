@@ -119,10 +119,8 @@ def run_count_params(cfg, workdir):
 
 
 def run_export(cfg, workdir):
-  from mta_jax import checkpoint
-  if not hasattr(checkpoint, "export_main"):
-    raise app.UsageError("--mode=export needs mta_jax.checkpoint.export_main.")
-  checkpoint.export_main(cfg, workdir, flags.FLAGS)
+  from mta_jax import export
+  export.export_main(cfg, workdir)
 
 
 # --mode -> function(cfg, workdir). Add a mode by adding an entry.

@@ -5,7 +5,7 @@
     logits = RMSNorm(h) @ Embed^T                              (tied embeddings)
 
 Which layers get key-query convolutions is `ModelConfig.kq_layer_indices()`; head mixing and the
-gated group norm, when on, are on every layer (MTA_SPEC Sec. 6).
+gated group norm, when on, are on every layer (docs/MTA.md Sec. 8).
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Functional attention ops: causal softmax attention and Multi-Token Attention (MTA).
 
 Everything here is pure JAX; the Flax modules in `attention.py` only project, rotate and call
-`multi_token_attention`. The semantics are those of Golovneva et al., "Multi-Token Attention"
-(arXiv:2504.00927); the numbered equations below are the paper's.
+`implementations.multi_token_attention`, which dispatches to `mta_xla` below (the reference) or
+a faster exact implementation. The semantics are those of Golovneva et al., "Multi-Token
+Attention" (arXiv:2504.00927), written out in docs/MTA.md; the numbered equations below are the
+paper's.
 
 Shapes use the suffix convention of nanodo: `q_BxTxHxD` is [batch, length, heads, head_dim],
 `s_BxHxTxT` are logits [batch, heads, query, key].
 
-One MTA attention, in order (MTA_SPEC Sec. 4):
+One MTA attention, in order (docs/MTA.md Sec. 2):
 
     S  = q k^T / sqrt(d)                                   scale first
     S  = Mask_0(S)                  (if a pre-softmax op)  invalid logits -> 0
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -103,8 +104,9 @@ def _check_segment_ids(segment_ids: Array, batch: int, length: int) -> None:
     raise ValueError(f"segment_ids must be integers; got dtype {segment_ids.dtype}.")
 
 
-def _check_all(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
-               segment_ids) -> None:
+def check_mta_args(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+                   segment_ids) -> None:
+  """The shape / dtype checks every MTA entry point runs before tracing."""
   _check_qkv(q, k, v)
   batch, length, heads, _ = q.shape
   for name, kern in (("kq_kernel_pre", kq_kernel_pre), ("kq_kernel_post", kq_kernel_post)):
@@ -208,7 +210,7 @@ def attention_dropout(p_BxHxTxT: Array, rate: float, rng: Array | None) -> Array
 
 def _weights_xla(q, k, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
                  segment_ids):
-  """The attention weights A [B, H, T, T] (float32), following MTA_SPEC Sec. 4 line by line."""
+  """The attention weights A [B, H, T, T] (float32), following docs/MTA.md Sec. 2 line by line."""
   _, length, _, head_dim = q.shape
   f32 = jnp.float32
   mask = attention_mask(length, segment_ids)
@@ -235,8 +237,8 @@ def _weights_xla(q, k, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_
   return p
 
 
-def _mta_xla(q, k, v, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
-             segment_ids, dropout_rate, dropout_rng):
+def mta_xla(q, k, v, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+            segment_ids, dropout_rate, dropout_rng):
   """Materialises the [B, H, T, T] weights with `_weights_xla`, then drops out and applies A v."""
   p = _weights_xla(q, k, kq_kernel_pre=kq_kernel_pre, kq_kernel_post=kq_kernel_post,
                    head_mix_pre=head_mix_pre, head_mix_post=head_mix_post,
@@ -247,95 +249,16 @@ def _mta_xla(q, k, v, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_p
   return out.astype(q.dtype)
 
 
-# Registry of implementations: every entry must equal "xla" (tests/test_ops*.py hold them to it).
-# Later fast paths (chunked, Pallas) register here, so callers only switch a string.
-_IMPLEMENTATIONS: dict[str, Callable[..., Array]] = {"xla": _mta_xla}
-
-
-def register_implementation(name: str, fn: Callable[..., Array]) -> None:
-  """Adds an implementation under `name`; it takes the same keyword arguments as `_mta_xla`."""
-  _IMPLEMENTATIONS[name] = fn
-
-
-def implementations() -> tuple[str, ...]:
-  _load_optional_implementations()
-  return tuple(_IMPLEMENTATIONS)
-
-
-def _load_optional_implementations() -> None:
-  # Fast paths live in their own modules and register themselves on import.
-  import importlib
-  for module in ("mta_jax.ops_chunked",):
-    try:
-      importlib.import_module(module)
-    except ModuleNotFoundError as e:
-      if e.name != module:
-        raise
-
-
-@functools.partial(jax.jit, static_argnames=("implementation", "dropout_rate"))
-def _mta_jit(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids,
-             dropout_rng, *, implementation, dropout_rate):
-  return _IMPLEMENTATIONS[implementation](
-      q, k, v, kq_kernel_pre=kq_kernel_pre, kq_kernel_post=kq_kernel_post,
-      head_mix_pre=head_mix_pre, head_mix_post=head_mix_post, segment_ids=segment_ids,
-      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-
-
-def multi_token_attention(q: Array, k: Array, v: Array, *,
-                          kq_kernel_pre: Array | None = None,
-                          kq_kernel_post: Array | None = None,
-                          head_mix_pre: Array | None = None,
-                          head_mix_post: Array | None = None,
-                          segment_ids: Array | None = None,
-                          implementation: str = "xla",
-                          dropout_rate: float = 0.0,
-                          dropout_rng: Array | None = None) -> Array:
-  """Causal Multi-Token Attention (MTA_SPEC Sec. 1-4, 7). Returns [batch, length, heads, head_dim].
-
-  Args:
-    q, k, v: [batch, length, heads, head_dim], one dtype. The op scales by 1/sqrt(head_dim).
-      Grouped-query K/V must be repeated to `heads` by the caller.
-    kq_kernel_pre: [heads, c_q, c_k] (c_k odd) key-query conv on the logits before softmax
-      (Eq. 5). Tap [h, a, b] reads query i-(c_q-1)+a, key j-(c_k-1)//2+b; the identity kernel
-      has a single 1 at [h, c_q-1, c_k//2].
-    kq_kernel_post: the same on the attention weights after softmax (Eq. 6).
-    head_mix_pre, head_mix_post: [groups, c_h, c_h]; new head g*c_h+o = sum_i W[g,o,i] *
-      old head g*c_h+i (Eq. 7), on logits (pre) or weights (post).
-    segment_ids: [batch, length] ints; each contiguous run of equal ids is an independent
-      sequence: no attention and no convolution tap crosses a boundary.
-    implementation: "xla" (the reference, `conv_general_dilated` on materialised logits) or any
-      name in `implementations()`; all are exact.
-    dropout_rate, dropout_rng: attention-weight dropout (training only); 0 disables it.
-
-  Any MTA argument left None skips its stage; with all four None this is causal softmax
-  attention. Logits, convolutions and softmax run in float32; the output has q's dtype.
-  """
-  _check_all(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate}.")
-  if implementation not in _IMPLEMENTATIONS:
-    _load_optional_implementations()
-  if implementation not in _IMPLEMENTATIONS:
-    raise ValueError(f"unknown implementation {implementation!r}; choose one of "
-                     f"{sorted(_IMPLEMENTATIONS)}.")
-  if dropout_rate > 0.0 and dropout_rng is None:
-    raise ValueError("dropout_rate > 0 needs dropout_rng; pass dropout_rate=0 at evaluation.")
-  return _mta_jit(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
-                  segment_ids, dropout_rng, implementation=implementation,
-                  dropout_rate=float(dropout_rate))
-
-
 def attention_weights(q: Array, k: Array, *, kq_kernel_pre: Array | None = None,
                       kq_kernel_post: Array | None = None, head_mix_pre: Array | None = None,
                       head_mix_post: Array | None = None,
                       segment_ids: Array | None = None) -> Array:
   """The MTA attention weights A [batch, heads, query, key] in float32 (for analysis and plots).
 
-  Same arguments and semantics as `multi_token_attention` (without v and dropout); rows need
-  not sum to 1 when a post-softmax op is present.
+  Same arguments and semantics as `implementations.multi_token_attention` (without v and
+  dropout); rows need not sum to 1 when a post-softmax op is present.
   """
-  _check_all(q, k, k, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
+  check_mta_args(q, k, k, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
   return jax.jit(_weights_xla)(q, k, kq_kernel_pre=kq_kernel_pre, kq_kernel_post=kq_kernel_post,
                                head_mix_pre=head_mix_pre, head_mix_post=head_mix_post,
                                segment_ids=segment_ids)

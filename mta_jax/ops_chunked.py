@@ -1,7 +1,7 @@
 """Memory-efficient exact Multi-Token Attention: query blocks, causal key skipping, remat.
 
 `multi_token_attention(..., implementation="chunked")` computes exactly what the "xla"
-reference in `ops.py` computes (MTA_SPEC Sec. 1-4, 7), without ever holding a [T, T] tensor:
+reference in `ops.py` computes (docs/MTA.md Sec. 2-5), without ever holding a [T, T] tensor:
 
   * Queries are processed in blocks of `block` rows. A block also recomputes the rows its
     convolutions read from above it ("halo"): c_q - 1 logit rows for the pre-softmax conv and
@@ -22,7 +22,7 @@ c_q * c_k separate passes over the slab). Head mixing is a plain 2-D matmul per 
 Measurements of the alternatives (including the algebraic "wider attention" rewrite) are in
 docs/BENCHMARKS.md.
 
-Registered names:
+Names in `implementations.IMPLEMENTATIONS`:
   "chunked"          block = 256 rows, at most 4 bands (measured on CPU: blocks of 128-512
                      cost about the same; 4 bands compile ~2x faster than 8 at equal run time)
   "chunked_convxla"  the same blocking, but the conv is `conv_general_dilated` (for comparison;
@@ -56,7 +56,7 @@ _NEG = -1e30  # finite "-inf": masked logits; exp underflows to exactly 0 for ev
 # ---------------------------------------------------------------------------------------------
 
 
-def _shift_conv_fwd_impl(x, kernel, rmask):
+def shift_conv_autodiff(x, kernel, rmask):
   """out[b,h,i,j] = sum_{a,c} kernel[h,a,c] * m[b,s_a,i] * x[b,h,i+a,j+c-half].
 
   x: [B, H, R + c_q - 1, C] (the first c_q - 1 rows are the halo), kernel: [H, c_q, c_k],
@@ -82,12 +82,12 @@ def _shift_conv_fwd_impl(x, kernel, rmask):
 
 @jax.custom_vjp
 def shift_conv(x: Array, kernel: Array, rmask: Array | None) -> Array:
-  """Depthwise key-query conv of a row block (see `_shift_conv_fwd_impl`), fast VJP."""
-  return _shift_conv_fwd_impl(x, kernel, rmask)
+  """Depthwise key-query conv of a row block (see `shift_conv_autodiff`), fast VJP."""
+  return shift_conv_autodiff(x, kernel, rmask)
 
 
 def _shift_conv_fwd(x, kernel, rmask):
-  return _shift_conv_fwd_impl(x, kernel, rmask), (x, kernel, rmask)
+  return shift_conv_autodiff(x, kernel, rmask), (x, kernel, rmask)
 
 
 def _shift_conv_bwd(res, g):
@@ -197,7 +197,7 @@ def _block_mask(row0, rows: int, cols: int, seg_rows, seg_cols):
 def _mta_block(q_blk, k_blk, v_blk, seg_rows, seg_cols, rm_pre, rm_post, kq_pre, kq_post,
                mix_pre, mix_post, rng, *, row0, halo_pre, halo_post, conv, dropout_rate,
                out_dtype):
-  """MTA_SPEC Sec. 4 for query rows [row0 + halo, row0 + rows) against keys [0, cols).
+  """docs/MTA.md Sec. 2 for query rows [row0 + halo, row0 + rows) against keys [0, cols).
 
   q_blk: [B, H, rows, D] (first halo_pre + halo_post rows are the halo), k_blk/v_blk:
   [B, H, cols, D], seg_rows: [B, rows] or None, seg_cols: [B, cols] or None.
@@ -319,6 +319,3 @@ def make_chunked(block: int = DEFAULT_BLOCK, conv: str = "shift", bands: int = D
     raise ValueError(f"block must be >= 1; got {block}.")
   return functools.partial(_mta_chunked, block=block, conv=conv, bands=bands)
 
-
-ops.register_implementation("chunked", make_chunked())
-ops.register_implementation("chunked_convxla", make_chunked(conv="xla"))

@@ -5,8 +5,8 @@
     decay    = 1 - progress (linear, the paper) | (1 + cos(pi * progress)) / 2 (cosine) | 1
 
 where progress = (step - warmup) / (total - warmup), total = optim.decay_steps or cfg.steps and
-min = optim.min_lr_ratio. Paper (MTA_SPEC Sec. 9): lr 1.5e-4, betas (0.9, 0.98), wd 0.05,
-clip 1.0, warmup 375 then linear decay to 0.
+min = optim.min_lr_ratio. Paper (Table 7; docs/MTA.md Sec. 10): lr 1.5e-4, betas (0.9, 0.98),
+wd 0.05, clip 1.0, warmup 375 then linear decay to 0.
 
 Gradient accumulation and the loss live in `train_lib` (the accumulated gradient is exactly the
 big-batch gradient); this module only turns a gradient into an update.
@@ -21,24 +21,16 @@ from mta_jax.config import OptimConfig, TrainConfig
 
 def schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
   """Learning rate as a function of the optimizer step (0-based)."""
-  total = o.decay_steps or total_steps
   warmup = o.warmup_steps
+  decay_len = max((o.decay_steps or total_steps) - warmup, 1)
   if o.schedule == "constant":
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, o.lr, warmup), optax.constant_schedule(o.lr)], [warmup])
-
-  def fn(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = o.lr * step / max(warmup, 1)
-    progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
-    if o.schedule == "linear":
-      decay = 1.0 - progress
-    else:  # cosine
-      decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    after = o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay)
-    return jnp.where(step < warmup, warm, after)
-
-  return fn
+    after = optax.constant_schedule(o.lr)
+  elif o.schedule == "linear":
+    after = optax.linear_schedule(o.lr, o.lr * o.min_lr_ratio, decay_len)
+  else:  # cosine
+    after = optax.cosine_decay_schedule(o.lr, decay_len, alpha=o.min_lr_ratio)
+  return optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(warmup, 1)), after],
+                              [warmup])
 
 
 def decay_mask(o: OptimConfig):

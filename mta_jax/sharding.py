@@ -15,6 +15,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mta_jax import config as config_lib
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -43,24 +45,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   Axis types are Auto: partitioning is pjit-style (jit in/out shardings + constraints).
   """
   devices = jax.devices() if devices is None else devices
-  n = len(devices)
-  shape = [data, fsdp, tensor]
-  if shape.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1; got data={data} fsdp={fsdp} "
-                     f"tensor={tensor}.")
-  if any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"mesh axes must be positive or -1; got data={data} fsdp={fsdp} "
-                     f"tensor={tensor}.")
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    if n % known:
-      raise ValueError(f"mesh: {n} devices cannot be split as data={data} fsdp={fsdp} "
-                       f"tensor={tensor} (the fixed axes multiply to {known}).")
-    shape[shape.index(-1)] = n // known
-  if math.prod(shape) != n:
-    raise ValueError(f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = "
-                     f"{math.prod(shape)} devices, but {n} are available; set mesh.* so the "
-                     "product matches, or use -1 for one axis.")
+  shape = config_lib.resolve_mesh_shape(config_lib.MeshConfig(data, fsdp, tensor), len(devices))
   return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)
 
@@ -118,11 +103,6 @@ def state_specs(state: nnx.State, mesh: Mesh | None = None) -> nnx.State:
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state, mesh),
                       is_leaf=lambda x: isinstance(x, P))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[batch, length] inputs: rows split over every data-parallel axis."""
-  return NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), None, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

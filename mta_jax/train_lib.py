@@ -41,14 +41,12 @@ from mta_jax import config as config_lib
 from mta_jax import data as data_lib
 from mta_jax import flops as flops_lib
 from mta_jax import metrics as metrics_lib
-from mta_jax import optim
-from mta_jax import profiling
+from mta_jax import optim, profiling, retrofit
 from mta_jax import sharding
 from mta_jax import storage
 from mta_jax.config import TrainConfig
+from mta_jax.data.rows import ROW_KEYS
 from mta_jax.model import TransformerLM
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -121,13 +119,18 @@ def abstract_train_state(cfg: TrainConfig, mesh: Mesh | None = None) -> TrainSta
   return _with_shardings(abstract, train_state_shardings(abstract, mesh))
 
 
+def create_state(cfg: TrainConfig, shardings: TrainState) -> TrainState:
+  """The initial state (from cfg.seed), made by a jitted init whose outputs are already sharded,
+  so no parameter is ever materialised whole on one device. Call under `jax.set_mesh`."""
+  return jax.jit(lambda seed: _build(cfg, seed)[1], out_shardings=shardings)(cfg.seed)
+
+
 def init_train_state(cfg: TrainConfig, mesh: Mesh) -> tuple[GraphDefs, TrainState, TrainState]:
-  """(graphdefs, state, shardings): the state is created by a jitted init whose outputs are
-  already sharded, so no parameter is ever materialised whole on one device."""
+  """(graphdefs, state, shardings) on `mesh` (see `create_state`)."""
   defs, abstract = _abstract(cfg)
   shardings = train_state_shardings(abstract, mesh)
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda seed: _build(cfg, seed)[1], out_shardings=shardings)(cfg.seed)
+    state = create_state(cfg, shardings)
   return defs, state, shardings
 
 
@@ -257,7 +260,7 @@ def jit_eval_step(cfg: TrainConfig, defs: GraphDefs, shardings: TrainState, mesh
 def to_global(local: dict, sharding_: NamedSharding) -> dict:
   """Per-process numpy rows -> global jax.Arrays (rows concatenated over processes)."""
   out = {}
-  for k in BATCH_KEYS:
+  for k in ROW_KEYS:
     x = np.asarray(local[k])
     out[k] = jax.make_array_from_process_local_data(sharding_, x)
   return out
@@ -266,7 +269,7 @@ def to_global(local: dict, sharding_: NamedSharding) -> dict:
 def next_train_batch(it: Iterator, accum: int, sharding_: NamedSharding) -> dict:
   """`accum` batches from the iterator stacked to [accum, rows, T], as global arrays."""
   micro = [next(it) for _ in range(accum)]
-  local = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}
+  local = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in ROW_KEYS}
   return to_global(local, sharding_)
 
 
@@ -309,6 +312,7 @@ def write_config(cfg: TrainConfig, workdir: str) -> str:
 def setup(cfg: TrainConfig) -> Mesh:
   """Validates the config against the devices and processes, then builds the mesh."""
   config_lib.validate(cfg, jax.device_count(), jax.process_count())
+  data_lib.validate_data(cfg)
   return sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
 
 
@@ -318,6 +322,36 @@ def _check_finite(step: int, loss: float, cfg: TrainConfig) -> None:
         f"training loss is {loss} at step {step}; halting. Try a lower optim.lr "
         f"(now {cfg.optim.lr}), a longer optim.warmup_steps, optim.clip_norm > 0, "
         "model.dtype=float32, or optim.z_loss=1e-4.")
+
+
+def _start_state(cfg: TrainConfig, restored, shardings: TrainState, writer,
+                 workdir: str) -> tuple[TrainState, int, dict]:
+  """(state, start step, checkpoint meta): the restored checkpoint, else a fresh state (warm
+  started / retrofitted from checkpoint.init_from when set)."""
+  if restored is not None:
+    state, start, meta = restored
+    writer.log(f"resumed from step {start} in {workdir}")
+    return state, start, dict(meta or {})
+  state = create_state(cfg, shardings)
+  if cfg.checkpoint.init_from:  # warm start / MTA retrofit (paper App. I)
+    state = state.replace(params=retrofit.retrofit(cfg.checkpoint.init_from, cfg, state.params,
+                                                   shardings.params))
+    writer.log(f"initialised parameters from {cfg.checkpoint.init_from}")
+  return state, 0, {}
+
+
+def _final_log(cfg: TrainConfig, defs: GraphDefs, state: TrainState, workdir: str, writer,
+               final_eval: dict) -> None:
+  png = writer.plot()
+  if png:
+    writer.log(f"loss curve: {png}")
+  for png in save_pictures(cfg, defs, state, workdir):
+    writer.log(f"picture: {png}")
+  if final_eval and cfg.data.source == "toy":
+    writer.log(f"final sequence error rate: {100 * final_eval['seq_error']:.2f}% "
+               f"(loss {final_eval['loss']:.4f}, {int(final_eval['seqs'])} held-out sequences)")
+  elif final_eval:
+    writer.log(f"final eval: {eval_summary(cfg, final_eval)}")
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
@@ -339,19 +373,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, cfg)
   with jax.set_mesh(mesh):
     restored = ckpt.restore_latest(_with_shardings(abstract, shardings), shardings, data_iter)
-    meta: dict = {}
-    if restored is None:
-      state = jax.jit(lambda seed: _build(cfg, seed)[1], out_shardings=shardings)(cfg.seed)
-      start = 0
-      if cfg.checkpoint.init_from:  # warm start / MTA retrofit (paper App. I), see export.py
-        from mta_jax import export
-        state = state.replace(params=export.retrofit(cfg.checkpoint.init_from, cfg,
-                                                     state.params, shardings.params))
-        writer.log(f"initialised parameters from {cfg.checkpoint.init_from}")
-    else:
-      state, start, meta = restored
-      meta = dict(meta or {})
-      writer.log(f"resumed from step {start} in {workdir}")
+    state, start, meta = _start_state(cfg, restored, shardings, writer, workdir)
     # Written only now: a resume refused as incompatible must not overwrite the run's config.
     write_config(cfg, workdir)
     train_step = jit_train_step(cfg, defs, shardings, mesh)
@@ -422,16 +444,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
         final_eval = evaluate(cfg, eval_step, state.params, mesh)
     profiler.stop()
     ckpt.close()
-  png = writer.plot()
-  if png:
-    writer.log(f"loss curve: {png}")
-  for png in save_pictures(cfg, defs, state, workdir):
-    writer.log(f"picture: {png}")
-  if final_eval and cfg.data.source == "toy":
-    writer.log(f"final sequence error rate: {100 * final_eval['seq_error']:.2f}% "
-               f"(loss {final_eval['loss']:.4f}, {int(final_eval['seqs'])} held-out sequences)")
-  elif final_eval:
-    writer.log(f"final eval: {eval_summary(cfg, final_eval)}")
+  _final_log(cfg, defs, state, workdir, writer, final_eval)
   writer.close()
   return final_eval
 

@@ -9,18 +9,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import tiny_mta
 from mta_jax import config as config_lib
 from mta_jax import sharding
 from mta_jax.model import TransformerLM
 
 
 def tiny_config(**attention) -> config_lib.TrainConfig:
-  att = dict(pre_conv=True, post_conv=True, c_q=2, c_k=3, post_c_q=2, post_c_k=3, kq_layers=(1,),
-             head_mix_pre=True, head_mix_post=True, group_norm=True)
-  att.update(attention)
+  """tiny_mta.attention with one mixing group of all 4 heads (c_h=0), overridable."""
   cfg = config_lib.TrainConfig()
   cfg.model = config_lib.ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4,
-                                     max_len=16, attention=config_lib.AttentionConfig(**att))
+                                     max_len=16, attention=tiny_mta.attention(**{"c_h": 0,
+                                                                                 **attention}))
   cfg.checkpoint = config_lib.CheckpointConfig(every_steps=2, keep_last=2, keep_every=0,
                                                async_save=True)
   return cfg

@@ -1,4 +1,4 @@
-"""A plain float64 NumPy loop of MTA, written straight from MTA_SPEC Sec. 1-4 and 7.
+"""A plain float64 NumPy loop of MTA, written straight from docs/MTA.md Sec. 2-5.
 
 Deliberately naive (explicit loops over every index) so that it is easy to check by eye; the
 tests hold every JAX implementation to it.

@@ -9,24 +9,22 @@ Attention dropout is on, so this also checks that randomness is derived from the
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
-from mta_jax import checkpoint
-from mta_jax import config as config_lib
+import train_cli
+from mta_jax import checkpoint, tree_io
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60
 DEVICES = 2
 
 
 def _cmd(workdir, every_steps=10, steps=STEPS, extra=()):
-  return [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(
-      ROOT, "configs", "toy.py"), f"--workdir={workdir}",
+  return ["--config=" + os.path.join(train_cli.ROOT, "configs", "toy.py"),
+          f"--workdir={workdir}",
           "--config.model.d_model=16", "--config.model.n_layers=1", "--config.model.n_heads=2",
           "--config.model.attention.kq_layers=(0,)", "--config.model.attention.dropout=0.1",
           "--config.data.source=synthetic", "--config.data.seq_len=16",
@@ -36,17 +34,8 @@ def _cmd(workdir, every_steps=10, steps=STEPS, extra=()):
           "--config.checkpoint.keep_last=2", "--config.optim.warmup_steps=5", *extra]
 
 
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
 def _run(cmd, timeout=240):
-  p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-  assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}"
-  return p
+  return train_cli.run(*cmd, devices=DEVICES, timeout=timeout, check=True)
 
 
 def _train_losses(workdir) -> dict[int, float]:
@@ -73,8 +62,7 @@ def _all_train_losses(workdir) -> list[tuple[int, float]]:
 
 
 def _start_and_wait(cmd, workdir, at_step, timeout=180):
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = train_cli.popen(*cmd, devices=DEVICES)
   t0 = time.time()
   while True:
     steps = _train_losses(workdir)
@@ -90,14 +78,14 @@ def _start_and_wait(cmd, workdir, at_step, timeout=180):
 
 def _final_state(workdir) -> dict:
   """Flat {item.path: numpy array} of params and opt_state of the latest checkpoint."""
-  ck = checkpoint.Checkpointer(workdir, config_lib.TrainConfig(), read_only=True)
+  ck = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     step = ck.latest_step()
     out = {"step": step}
     for item in ("params", "opt_state"):
       shapes = ck.stored_shapes(step, item)
-      target = checkpoint.nest({p: np.zeros(m.shape, m.dtype) for p, m in shapes.items()})
-      for p, v in checkpoint.flatten(ck.restore_item(step, item, target)).items():
+      target = tree_io.nest({p: np.zeros(m.shape, m.dtype) for p, m in shapes.items()})
+      for p, v in tree_io.flatten(ck.restore_item(step, item, target)).items():
         out[item + "." + ".".join(p)] = np.asarray(v)
   finally:
     ck.close()
@@ -190,7 +178,7 @@ def test_resume_with_another_model_is_refused_naming_the_field(tmp_path, uninter
   workdir = str(tmp_path / "copy")
   shutil.copytree(uninterrupted, workdir)
   cmd = _cmd(workdir, extra=["--config.model.attention.pre_conv=False"])
-  p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+  p = train_cli.run(*cmd, devices=DEVICES, timeout=240)
   assert p.returncode == 2, p.stderr[-3000:]
   assert "model.attention.pre_conv: checkpoint True, current False" in p.stderr
   assert "Traceback" not in p.stderr

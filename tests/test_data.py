@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mta_jax import config
-from mta_jax.config import (AttentionConfig, ConfigError, DataConfig, ModelConfig,
-                            TrainConfig)
+import tiny_mta
+from mta_jax import config, train_lib
+from mta_jax.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from mta_jax.data import (check_vocab, make_eval_batches, make_train_iterator, prepare,
-                          sources, text_pipeline, to_global_batch, tokenizer, vocab_size)
+                          sources, text_pipeline, tokenizer, validate_data, vocab_size)
 
 T = 32
 V = 300  # tokenizer vocabulary: 4 special ids + 256 byte pieces + characters and words
@@ -196,7 +196,7 @@ def test_vocab_size_comes_from_the_tokenizer(corpus):
   cfg = _cfg(corpus)
   assert vocab_size(cfg) == V
   check_vocab(cfg)
-  config.validate(cfg)
+  validate_data(cfg)
   cfg.model.vocab_size = 384  # padded to a multiple of 128: fine
   check_vocab(cfg)
   cfg.model.vocab_size = 299
@@ -204,7 +204,7 @@ def test_vocab_size_comes_from_the_tokenizer(corpus):
                                         r"set model.vocab_size to 300 \(or 384"):
     check_vocab(cfg)
   with pytest.raises(ConfigError, match="model.vocab_size=299"):
-    config.validate(cfg)
+    validate_data(cfg)
 
 
 def test_missing_tokenizer_file(corpus, tmp_path):
@@ -212,7 +212,7 @@ def test_missing_tokenizer_file(corpus, tmp_path):
   with pytest.raises(ConfigError, match=r"data.tokenizer=.*nope.model.*no such file"):
     make_train_iterator(cfg, process_index=0, process_count=1)
   with pytest.raises(ConfigError, match=r"data.tokenizer=.*nope.model"):
-    config.validate(cfg)
+    validate_data(cfg)
   cfg.data.tokenizer = ""
   with pytest.raises(ConfigError, match="data.tokenizer"):
     config.validate_data(cfg.data)
@@ -435,28 +435,23 @@ def test_synthetic_source():
   assert len(ev) == 1 and ev[0]["loss_mask"].all()
 
 
-def test_to_global_batch():
+def test_to_global():
   devices = np.array(jax.devices()[:8])
   mesh = jax.sharding.Mesh(devices, ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   cfg = TrainConfig(model=ModelConfig(vocab_size=100, max_len=16),
                     data=DataConfig(source="synthetic", seq_len=16, batch_size=8))
   batch = next(make_train_iterator(cfg, process_index=0, process_count=1))
-  g = to_global_batch(batch, sharding)
+  g = train_lib.to_global(batch, sharding)
   assert set(g) == set(batch)
   for k, v in g.items():
     assert isinstance(v, jax.Array) and v.sharding == sharding and v.dtype == batch[k].dtype
     np.testing.assert_array_equal(np.asarray(v), batch[k])
-  per_key = {k: sharding for k in batch}
-  np.testing.assert_array_equal(np.asarray(to_global_batch(batch, per_key)["targets"]),
-                                batch["targets"])
 
 
-# --- the document-aware MTA contract (MTA_SPEC Sec. 7) ------------------------------------------
+# --- the document-aware MTA contract (docs/MTA.md Sec. 4) ---------------------------------------
 
-FULL_MTA = AttentionConfig(pre_conv=True, post_conv=True, c_q=3, c_k=5, post_c_q=2, post_c_k=3,
-                           kq_layers=(0, 1), head_mix_pre=True, head_mix_post=True, c_h=2,
-                           group_norm=True)
+FULL_MTA = tiny_mta.attention(c_q=3, c_k=5, kq_layers=(0, 1))
 
 
 def test_model_on_packed_rows_equals_separate_documents(corpus):

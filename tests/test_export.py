@@ -11,7 +11,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import ckpt_util as cu
-from mta_jax import checkpoint, export, sharding
+import train_cli
+from mta_jax import checkpoint, export, sharding, tree_io
 
 
 def _trained_run(tmp_path, cfg=None, tokenizer=None):
@@ -47,9 +48,9 @@ def test_export_layout_and_load_exported(tmp_path):
   assert ex.step == 6 and ex.tokenizer == os.path.join(out, "tokenizer.model")
   assert ex.config.model == cfg.model
   # Same parameters as the checkpoint, and a model that runs.
-  want = checkpoint.flatten(state["params"])
+  want = tree_io.flatten(state["params"])
   from flax import nnx
-  got = checkpoint.flatten(nnx.state(ex.model, nnx.Param))
+  got = tree_io.flatten(nnx.state(ex.model, nnx.Param))
   assert set(got) == set(want)
   for p in want:
     np.testing.assert_array_equal(jax.device_get(got[p]), jax.device_get(want[p]))
@@ -131,17 +132,11 @@ def test_export_refuses_to_overwrite_a_non_export(tmp_path):
 
 
 def test_export_through_train_py(tmp_path):
-  import subprocess
-  import sys
   _, workdir, state = _trained_run(tmp_path)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out_dir = tmp_path / "exported"
-  cmd = [sys.executable, os.path.join(root, "train.py"), "--mode=export", f"--workdir={workdir}",
-         f"--config.checkpoint.export_dir={out_dir}", "--config.checkpoint.export_dtype=bfloat16"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
-  p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-  assert p.returncode == 0, p.stderr[-3000:]
+  p = train_cli.run("--mode=export", f"--workdir={workdir}",
+                    f"--config.checkpoint.export_dir={out_dir}",
+                    "--config.checkpoint.export_dtype=bfloat16", devices=1, check=True)
   assert "exported step 6" in p.stdout and str(out_dir) in p.stdout
   ex = export.load_exported(str(out_dir))
   assert ex.step == 6 and ex.config.model.param_dtype == "bfloat16"

@@ -7,9 +7,10 @@ relative workdir once crashed at the final checkpoint save (Orbax needs absolute
 import os
 import shutil
 import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import train_cli
+
+ROOT = train_cli.ROOT
 
 # The default config (configs/toy.py: MTA, N=5, "first") shrunk to a few seconds.
 SMALL = ["--config.data.toy.n_blocks=3", "--config.data.seq_len=22", "--config.model.max_len=22",
@@ -33,6 +34,7 @@ def _checkout(dest) -> str:
         os.makedirs(os.path.join(dest, os.path.dirname(f)), exist_ok=True)
         shutil.copy2(src, os.path.join(dest, f))
   else:
+    os.makedirs(dest, exist_ok=True)
     for f in ("train.py", "configs", "mta_jax"):
       src = os.path.join(ROOT, f)
       (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(dest, f))
@@ -40,10 +42,7 @@ def _checkout(dest) -> str:
 
 
 def _train(cwd, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "train.py", *SMALL, *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return train_cli.run(*SMALL, *args, cwd=cwd)
 
 
 def test_default_command_with_relative_workdir_and_resume(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import tiny_mta
 from mta_jax import attention as attention_lib
 from mta_jax.config import (AttentionConfig, ConfigError, ModelConfig, attention_family,
                             paper_model)
@@ -16,9 +17,7 @@ from mta_jax.model import TransformerLM, count_params
 VOCAB = 61
 
 
-FULL_MTA = AttentionConfig(pre_conv=True, post_conv=True, c_q=3, c_k=5, post_c_q=2, post_c_k=3,
-                           kq_layers=(0, 2), head_mix_pre=True, head_mix_post=True, c_h=2,
-                           group_norm=True)
+FULL_MTA = tiny_mta.attention(c_q=3, c_k=5, kq_layers=(0, 2))
 
 
 def tiny(attention: AttentionConfig = FULL_MTA, **kw) -> ModelConfig:

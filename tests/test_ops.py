@@ -1,4 +1,4 @@
-"""The reference MTA op against a float64 NumPy loop written from the spec (MTA_SPEC Sec. 1-4, 7)."""
+"""The reference MTA op against a float64 NumPy loop written from docs/MTA.md (Sec. 2-5)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mta_jax import ops
+from mta_jax.implementations import multi_token_attention
 from mta_numpy import mta_numpy
 
 B, T, H, D = 2, 12, 4, 8
@@ -41,7 +42,7 @@ def test_kq_convs_match_numpy_loop(pre, post, segments):
   kp = _kernel(rng, *pre) if pre else None
   kpo = _kernel(rng, *post) if post else None
   seg = SEGMENTS if segments else None
-  got = ops.multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo, segment_ids=seg)
+  got = multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo, segment_ids=seg)
   _assert_close(got, mta_numpy(q, k, v, kp, kpo, seg=seg))
 
 
@@ -54,7 +55,7 @@ def test_head_mixing_matches_numpy_loop(c_h, where, segments):
   mp = _mix(rng, c_h) if where in ("pre", "both") else None
   mpo = _mix(rng, c_h) if where in ("post", "both") else None
   seg = SEGMENTS if segments else None
-  got = ops.multi_token_attention(q, k, v, head_mix_pre=mp, head_mix_post=mpo, segment_ids=seg)
+  got = multi_token_attention(q, k, v, head_mix_pre=mp, head_mix_post=mpo, segment_ids=seg)
   _assert_close(got, mta_numpy(q, k, v, mix_pre=mp, mix_post=mpo, seg=seg))
 
 
@@ -65,9 +66,9 @@ def test_all_stages_match_numpy_loop(segments):
   args = dict(kq_pre=_kernel(rng, 6, 11), kq_post=_kernel(rng, 2, 9), mix_pre=_mix(rng, 2),
               mix_post=_mix(rng, H))
   seg = SEGMENTS if segments else None
-  got = ops.multi_token_attention(q, k, v, kq_kernel_pre=args["kq_pre"],
-                                  kq_kernel_post=args["kq_post"], head_mix_pre=args["mix_pre"],
-                                  head_mix_post=args["mix_post"], segment_ids=seg)
+  got = multi_token_attention(q, k, v, kq_kernel_pre=args["kq_pre"],
+                              kq_kernel_post=args["kq_post"], head_mix_pre=args["mix_pre"],
+                              head_mix_post=args["mix_post"], segment_ids=seg)
   _assert_close(got, mta_numpy(q, k, v, **args, seg=seg))
 
 
@@ -76,11 +77,11 @@ def test_identity_weights_give_softmax_attention(segments):
   rng = np.random.default_rng(3)
   q, k, v = _qkv(rng)
   seg = SEGMENTS if segments else None
-  got = ops.multi_token_attention(
+  got = multi_token_attention(
       q, k, v, kq_kernel_pre=ops.identity_kq_kernel(H, 6, 11),
       kq_kernel_post=ops.identity_kq_kernel(H, 2, 3), head_mix_pre=ops.identity_head_mix(H, 2),
       head_mix_post=ops.identity_head_mix(H, H), segment_ids=seg)
-  plain = ops.multi_token_attention(q, k, v, segment_ids=seg)
+  plain = multi_token_attention(q, k, v, segment_ids=seg)
   library = ops.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                       segment_ids=seg)
   _assert_close(plain, mta_numpy(q, k, v, seg=seg))
@@ -91,7 +92,7 @@ def test_identity_weights_give_softmax_attention(segments):
 def test_output_dtype_and_bfloat16_inputs():
   rng = np.random.default_rng(4)
   q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _qkv(rng))
-  out = ops.multi_token_attention(q, k, v, kq_kernel_pre=_kernel(rng, 2, 3))
+  out = multi_token_attention(q, k, v, kq_kernel_pre=_kernel(rng, 2, 3))
   assert out.dtype == jnp.bfloat16 and out.shape == (B, T, H, D)
   assert np.isfinite(np.asarray(out, np.float32)).all()
 
@@ -103,7 +104,7 @@ def _random_mta_weights(rng):
 
 def _full_mta(rng, seg=None):
   weights = _random_mta_weights(rng)
-  return lambda q, k, v: ops.multi_token_attention(q, k, v, segment_ids=seg, **weights)
+  return lambda q, k, v: multi_token_attention(q, k, v, segment_ids=seg, **weights)
 
 
 @pytest.mark.parametrize("argnum", [0, 1, 2], ids=["q", "k", "v"])
@@ -142,15 +143,15 @@ def test_no_dependence_across_documents(argnum):
 
 
 def test_packed_row_equals_separate_sequences():
-  """MTA_SPEC Sec. 7: every document of a packed row is computed as if it were alone."""
+  """docs/MTA.md Sec. 4: every document of a packed row is computed as if it were alone."""
   rng = np.random.default_rng(8)
   q, k, v = _qkv(rng, b=1)
   weights = _random_mta_weights(rng)
-  packed = ops.multi_token_attention(q, k, v, segment_ids=SEGMENTS[:1], **weights)
+  packed = multi_token_attention(q, k, v, segment_ids=SEGMENTS[:1], **weights)
   start = 0
   for n in (5, 2, 5):
     sl = slice(start, start + n)
-    alone = ops.multi_token_attention(q[:, sl], k[:, sl], v[:, sl], **weights)
+    alone = multi_token_attention(q[:, sl], k[:, sl], v[:, sl], **weights)
     _assert_close(np.asarray(packed)[:, sl], alone)
     start += n
 
@@ -162,9 +163,9 @@ def test_jit_and_eager_agree():
                  kq_kernel_post=jnp.asarray(_kernel(rng, 2, 9)),
                  head_mix_pre=jnp.asarray(_mix(rng, 2)), head_mix_post=jnp.asarray(_mix(rng, 4)),
                  segment_ids=jnp.asarray(SEGMENTS))
-  jitted = ops.multi_token_attention(q, k, v, **kernels)
+  jitted = multi_token_attention(q, k, v, **kernels)
   with jax.disable_jit():
-    eager = ops.multi_token_attention(q, k, v, **kernels)
+    eager = multi_token_attention(q, k, v, **kernels)
   _assert_close(eager, jitted)
 
 
@@ -172,10 +173,10 @@ def test_dropout_is_inverted_and_seeded():
   rng = np.random.default_rng(10)
   q, k, v = (jnp.asarray(x) for x in _qkv(rng))
   key = jax.random.key(0)
-  a = ops.multi_token_attention(q, k, v, dropout_rate=0.5, dropout_rng=key)
-  b = ops.multi_token_attention(q, k, v, dropout_rate=0.5, dropout_rng=key)
-  c = ops.multi_token_attention(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(1))
-  plain = ops.multi_token_attention(q, k, v)
+  a = multi_token_attention(q, k, v, dropout_rate=0.5, dropout_rng=key)
+  b = multi_token_attention(q, k, v, dropout_rate=0.5, dropout_rng=key)
+  c = multi_token_attention(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(1))
+  plain = multi_token_attention(q, k, v)
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
   assert not np.allclose(a, plain)
@@ -189,7 +190,7 @@ def _call(**kw):
   q, k, v = _qkv(rng)
   args = dict(q=q, k=k, v=v)
   args.update({key: kw.pop(key) for key in ("q", "k", "v") if key in kw})
-  return ops.multi_token_attention(args["q"], args["k"], args["v"], **kw)
+  return multi_token_attention(args["q"], args["k"], args["v"], **kw)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -231,7 +232,7 @@ def test_property_matches_numpy_loop(t, h, c_q, half, c_h, seed, cut):
   kp, kpo = _kernel(rng, c_q, 2 * half + 1, h), _kernel(rng, max(1, c_q - 1), 2 * half + 1, h)
   mp, mpo = _mix(rng, c_h, h), _mix(rng, c_h, h)
   seg = (np.arange(t) >= min(cut, t)).astype(np.int32)[None]
-  got = ops.multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo, head_mix_pre=mp,
+  got = multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo, head_mix_pre=mp,
                                   head_mix_post=mpo, segment_ids=seg)
   _assert_close(got, mta_numpy(q, k, v, kp, kpo, mp, mpo, seg))
 
@@ -244,4 +245,4 @@ def test_attention_weights_times_v_is_the_op():
   a = ops.attention_weights(q, k, **weights)
   assert a.shape == (B, H, T, T) and a.dtype == jnp.float32
   _assert_close(np.einsum("bhqk,bkhd->bqhd", np.asarray(a, np.float64), v),
-                ops.multi_token_attention(q, k, v, **weights))
+                multi_token_attention(q, k, v, **weights))

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mta_jax import ops
-from mta_jax import ops_chunked
+from mta_jax import implementations, ops_chunked
+from mta_jax.implementations import multi_token_attention
 from mta_numpy import mta_numpy
 
 H, D = 4, 8
@@ -41,7 +41,7 @@ def _inputs(seed, b, t, pre, post, c_h, mix):
 
 def _op(implementation, segment_ids):
   def f(q, k, v, kp, kpo, mp, mpo):
-    return ops.multi_token_attention(
+    return multi_token_attention(
         q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo, head_mix_pre=mp, head_mix_post=mpo,
         segment_ids=segment_ids, implementation=implementation)
   return f
@@ -50,7 +50,7 @@ def _op(implementation, segment_ids):
 @functools.lru_cache(maxsize=None)
 def _register(block, bands):
   name = f"chunked_test_b{block}_n{bands}"
-  ops.register_implementation(name, ops_chunked.make_chunked(block=block, bands=bands))
+  implementations.IMPLEMENTATIONS[name] = ops_chunked.make_chunked(block=block, bands=bands)
   return name
 
 
@@ -113,19 +113,18 @@ def test_chunked_matches_xla_forward_and_gradients(case, segments):
 
 
 @pytest.mark.parametrize("name", ["chunked", "chunked_convxla"])
-def test_registered_names_match_numpy_loop(name):
-  """The registered implementations (default block > T here: one block) vs the float64 loop."""
+def test_named_implementations_match_numpy_loop(name):
+  """The named implementations (default block > T here: one block) vs the float64 loop."""
   (q, k, v), (kp, kpo, mp, mpo), rng = _inputs(7, 2, 12, (6, 11), (2, 3), 2, "both")
   seg = np.array([[1] * 5 + [2] * 2 + [3] * 5, [7] * 12], np.int32)
   got = _op(name, seg)(q, k, v, kp, kpo, mp, mpo)
   _assert_close(got, mta_numpy(q, k, v, kp, kpo, mp, mpo, seg=seg), FWD_TOL)
-  assert name in ops.implementations()
 
 
 def test_xla_conv_variant_matches_reference_gradients():
   """The conv_general_dilated block conv (used on backends where it is fast) is exact too."""
   name = "chunked_convxla_test"
-  ops.register_implementation(name, ops_chunked.make_chunked(block=4, bands=2, conv="xla"))
+  implementations.IMPLEMENTATIONS[name] = ops_chunked.make_chunked(block=4, bands=2, conv="xla")
   (q, k, v), weights, rng = _inputs(3, 2, 14, (3, 5), (2, 3), H, "post")
   seg = _segments(rng, 2, 14)
   cot = rng.normal(size=q.shape).astype(np.float32)
@@ -143,7 +142,7 @@ def test_shift_conv_vjp_matches_autodiff_with_row_masks():
   m = (rng.random(size=(2, 5, 5)) < 0.7).astype(np.float32)
   g = rng.normal(size=(2, 3, 5, 7)).astype(np.float32)
   _, vjp = jax.vjp(ops_chunked.shift_conv, x, w, m)
-  _, vjp_ref = jax.vjp(ops_chunked._shift_conv_fwd_impl, x, w, m)
+  _, vjp_ref = jax.vjp(ops_chunked.shift_conv_autodiff, x, w, m)
   for got, want in zip(vjp(g)[:2], vjp_ref(g)[:2]):
     _assert_close(got, want, GRAD_TOL)
   _assert_close(ops_chunked.xla_conv(x, w, m), ops_chunked.shift_conv(x, w, m), FWD_TOL)
@@ -154,7 +153,7 @@ def test_dropout_is_deterministic_per_key_and_unbiased():
   name = _register(3, 2)
 
   def f(rng, rate):
-    return ops.multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
+    return multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
                                      head_mix_pre=mp, head_mix_post=mpo, implementation=name,
                                      dropout_rate=rate, dropout_rng=rng)
 
@@ -174,7 +173,7 @@ def test_temp_memory_grows_linearly_in_length():
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(1, t, 2, 8)), jnp.float32) for _ in range(3))
     kp = jnp.asarray(rng.normal(size=(2, 2, 3)), jnp.float32)
-    loss = lambda q, k, v, kp: ops.multi_token_attention(
+    loss = lambda q, k, v, kp: multi_token_attention(
         q, k, v, kq_kernel_pre=kp, kq_kernel_post=kp, implementation=implementation).sum()
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(q, k, v, kp).compile()
     return compiled.memory_analysis().temp_size_in_bytes

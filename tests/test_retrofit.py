@@ -1,5 +1,8 @@
 """Retrofit (paper App. I): an MTA model initialised from a baseline, MTA weights at identity."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +11,8 @@ import pytest
 from flax import nnx
 
 import ckpt_util as cu
-from mta_jax import checkpoint, export, sharding
+import train_cli
+from mta_jax import checkpoint, export, retrofit, sharding, tree_io
 from mta_jax.model import TransformerLM
 
 
@@ -36,7 +40,7 @@ def _retrofit_model(source, mta_cfg, mesh):
   with jax.set_mesh(mesh):
     model = nnx.eval_shape(lambda: TransformerLM(mta_cfg.model, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(model, nnx.Param)
-    params = export.retrofit(str(source), mta_cfg, abstract["params"], shardings["params"])
+    params = retrofit.retrofit(str(source), mta_cfg, abstract["params"], shardings["params"])
   return nnx.merge(graphdef, params), params
 
 
@@ -62,8 +66,8 @@ def test_retrofit_first_step_loss_equals_baseline(tmp_path, from_export):
   # Identity kernels multiply by exactly 1 and add exact zeros: the loss is bitwise the same.
   assert got == want, (got, want)
   # Every baseline weight is carried over bitwise, every MTA weight is identity.
-  flat = checkpoint.flatten(params)
-  for p, v in checkpoint.flatten(state["params"]).items():
+  flat = tree_io.flatten(params)
+  for p, v in tree_io.flatten(state["params"]).items():
     np.testing.assert_array_equal(jax.device_get(flat[p]), jax.device_get(v))
   kq = jax.device_get(flat[("blocks", "1", "attn", "kq_pre")])
   assert kq.shape == (4, 2, 3) and kq.sum() == 4 and np.all(kq[:, 1, 1] == 1)
@@ -78,7 +82,7 @@ def test_retrofit_with_gated_group_norm_starts_at_identity_gate(tmp_path):
   _, workdir, _ = _baseline_run(tmp_path, mesh)
   mta_cfg = cu.tiny_config()  # group norm + gate on: not loss-preserving, but identity-initialised
   _, params = _retrofit_model(workdir, mta_cfg, mesh)
-  flat = checkpoint.flatten(params)
+  flat = tree_io.flatten(params)
   np.testing.assert_array_equal(jax.device_get(flat[("blocks", "0", "attn", "norm_scale")]),
                                 np.ones(4))
   assert float(flat[("blocks", "1", "attn", "gate_b")]) == 0.0
@@ -91,7 +95,7 @@ def test_retrofit_refuses_a_different_base_model(tmp_path):
   mta_cfg.model.n_heads = 2
   abstract, shardings = cu.abstract_state(mta_cfg, mesh)
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match="model.n_heads: checkpoint 4"):
-    export.retrofit(str(workdir), mta_cfg, abstract["params"], shardings["params"])
+    retrofit.retrofit(str(workdir), mta_cfg, abstract["params"], shardings["params"])
 
 
 def test_retrofit_refuses_to_drop_weights(tmp_path):
@@ -105,7 +109,7 @@ def test_retrofit_refuses_to_drop_weights(tmp_path):
   abstract, shardings = cu.abstract_state(base, mesh)
   with pytest.raises(checkpoint.IncompatibleCheckpointError,
                      match=r"blocks.0.attn.gate_b: in checkpoint \(shape \(\)\) but not in the current model"):
-    export.retrofit(str(tmp_path / "mta" / "checkpoints" / "1"), base, abstract["params"],
+    retrofit.retrofit(str(tmp_path / "mta" / "checkpoints" / "1"), base, abstract["params"],
                     shardings["params"])
 
 
@@ -113,34 +117,24 @@ def test_retrofit_bad_source_is_a_clear_error(tmp_path):
   cfg = cu.tiny_config()
   abstract, shardings = cu.abstract_state(cfg, sharding.make_mesh(8, 1, 1))
   with pytest.raises(export.ExportError, match="does not exist"):
-    export.retrofit(str(tmp_path / "missing"), cfg, abstract["params"])
+    retrofit.retrofit(str(tmp_path / "missing"), cfg, abstract["params"])
   (tmp_path / "empty").mkdir()
   with pytest.raises(export.ExportError, match="neither an export"):
-    export.retrofit(str(tmp_path / "empty"), cfg, abstract["params"])
+    retrofit.retrofit(str(tmp_path / "empty"), cfg, abstract["params"])
 
 
 def test_retrofit_through_train_py(tmp_path):
   """`--config.checkpoint.init_from=<baseline run>`: the MTA run's first training loss equals
   that of the baseline model continuing from the same weights on the same first batch."""
-  import json
-  import os
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   common = ["--config.model.d_model=16", "--config.model.n_layers=2", "--config.model.n_heads=2",
             "--config.data.source=synthetic", "--config.data.seq_len=16",
             "--config.data.batch_size=4", "--config.data.eval_batch_size=4",
             "--config.eval_every=0", "--config.eval_steps=1", "--config.log_every=1",
             "--config.optim.warmup_steps=1"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
 
   def run(workdir, variant, *extra):
-    cmd = [sys.executable, os.path.join(root, "train.py"),
-           f"--config={os.path.join(root, 'configs', 'toy.py')}:{variant}",
-           f"--workdir={workdir}", *common, *extra]
-    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = train_cli.run(f"--config={os.path.join(train_cli.ROOT, 'configs', 'toy.py')}:{variant}",
+                      f"--workdir={workdir}", *common, *extra, devices=1, check=True)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     return [r["loss"] for r in rows if r["split"] == "train"], p.stdout + p.stderr
 

@@ -84,7 +84,6 @@ def test_state_is_created_sharded(mesh):
 def test_batch_and_accumulation_shardings(mesh):
   assert train_lib.batch_shardings(mesh, accum=False).spec == P(("data", "fsdp"), None)
   assert train_lib.batch_shardings(mesh, accum=True).spec == P(None, ("data", "fsdp"), None)
-  assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
 
 
 def test_activations_constrained_at_block_boundaries(mesh):

@@ -1,4 +1,4 @@
-"""The toy task (MTA_SPEC Sec. 10): sample format, rows, determinism, iterators, error rate."""
+"""The toy task (docs/MTA.md Sec. 11): sample format, rows, determinism, iterators, error rate."""
 
 import dataclasses
 
@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mta_jax import config
+from mta_jax import train_lib
 from mta_jax.config import ConfigError, DataConfig, ModelConfig, ToyConfig, TrainConfig
 from mta_jax.data import (check_vocab, make_eval_batches, make_train_iterator, toy,
-                          toy_error_counts, toy_error_rate, validate_data)
+                          validate_data)
 
 
 def _cfg(seq_len=320, batch_size=8, eval_batch_size=0, **toy_kw):
@@ -104,16 +104,16 @@ def test_row_contents(variant):
 def test_seq_len_too_short_is_a_clear_error():
   with pytest.raises(ValueError, match=r"data.seq_len=300.*at least 319"):
     toy.ToyDataSource(ToyConfig(), seq_len=300)
-  with pytest.raises(ConfigError, match=r"data.seq_len=318 .* >= 319"):
-    config.validate_data(DataConfig(seq_len=318))
-  config.validate_data(DataConfig(seq_len=319))
+  with pytest.raises(ConfigError, match=r"data.seq_len=318 .* at least 319"):
+    toy.check_toy_config(ToyConfig(), seq_len=318)
+  toy.check_toy_config(ToyConfig(), seq_len=319)
 
 
 def test_config_checks():
   with pytest.raises(ConfigError, match="data.toy.variant"):
-    config.validate_data(DataConfig(seq_len=512, toy=ToyConfig(variant="middle")))
+    toy.check_toy_config(ToyConfig(variant="middle"), seq_len=512)
   with pytest.raises(ConfigError, match="data.toy.n_query"):
-    config.validate_data(DataConfig(seq_len=512, toy=ToyConfig(n_query=6)))
+    toy.check_toy_config(ToyConfig(n_query=6), seq_len=512)
   cfg = _cfg()
   validate_data(cfg)
   cfg.model.vocab_size = 31
@@ -208,20 +208,24 @@ def _eval_batch():
   return next(iter(make_eval_batches(cfg, process_index=0, process_count=1)))
 
 
+def _seq_error(pred, b):
+  """(wrong, scored) sequences as the eval step counts them (`train_lib.loss_sums`), for a
+  stand-in model that predicts `pred` [B, T]."""
+  class Fixed:
+    def __call__(self, *a, **k):
+      return jax.nn.one_hot(jnp.asarray(pred), toy.TOY_VOCAB_SIZE)
+  _, sums = train_lib.loss_sums(Fixed(), {k: jnp.asarray(v) for k, v in b.items()})
+  return int(sums["seq_wrong"]), int(sums["seqs"])
+
+
 def test_error_rate_counts_sequences_not_tokens():
   b = _eval_batch()
   pred = b["targets"].copy()
-  assert toy_error_rate(pred, b) == 0.0
+  assert _seq_error(pred, b) == (0, 4)
   pred[0, np.flatnonzero(b["loss_mask"][0])[2]] += 1  # one wrong answer token in row 0
   pred[1, 3] += 1  # a wrong prediction outside the answer does not count
   pred[5, :] = 7   # padding rows are never scored
-  assert toy_error_rate(pred, b) == pytest.approx(1 / 4)
+  assert _seq_error(pred, b) == (1, 4)
   for r in (2, 3):
     pred[r, np.flatnonzero(b["loss_mask"][r])] = 0
-  wrong, scored = toy_error_counts(pred, b)
-  assert (int(wrong), int(scored)) == (3, 4)
-  # Logits input (argmax taken inside), numpy and jax, also under jit.
-  logits = np.eye(32, dtype=np.float32)[pred]
-  assert toy_error_rate(logits, b) == pytest.approx(3 / 4)
-  jb = {k: jnp.asarray(v) for k, v in b.items()}
-  assert float(jax.jit(toy_error_rate)(jnp.asarray(logits), jb)) == pytest.approx(3 / 4)
+  assert _seq_error(pred, b) == (3, 4)

@@ -68,26 +68,6 @@ def test_loss_covers_masked_positions_only_and_z_loss():
   np.testing.assert_allclose(obj_z - obj, 1e-2 * jnp.sum(log_z**2 * b["loss_mask"]), rtol=1e-4)
 
 
-def test_sequence_error_matches_toy_error_rate():
-  from mta_jax.data import toy_error_counts
-  cfg = tiny_config()
-  model = _model(cfg)
-  b = {k: jnp.asarray(v[0]) for k, v in random_batch(5).items()}
-  b["loss_mask"] = b["loss_mask"].at[:3].set(0.0)  # padding rows are not scored
-  logits = model(b["inputs"], b["segment_ids"], b["positions"])
-  # Make row 3 right everywhere: it must not count as wrong.
-  hot = jax.nn.one_hot(b["targets"][3], VOCAB) * 100.0
-  logits = logits.at[3].set(hot)
-  wrong, scored = toy_error_counts(logits, b)
-
-  class Fixed:  # a stand-in model returning these logits
-    def __call__(self, *a, **k):
-      return logits
-  _, sums = train_lib.loss_sums(Fixed(), b)
-  assert (float(sums["seq_wrong"]), float(sums["seqs"])) == (float(wrong), float(scored))
-  assert float(scored) == B - 3 and float(wrong) == B - 4
-
-
 def test_schedules():
   o = OptimConfig(lr=1.0, warmup_steps=10, schedule="linear")
   lin = optim.schedule(o, 110)

@@ -3,10 +3,8 @@ leaves in its workdir (resolved config, JSONL metrics, TensorBoard events, loss-
 
 import json
 import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import train_cli
 
 TINY = ["--config=configs/toy.py:mta_n3_first", "--config.data.toy.n_blocks=3",
         "--config.data.seq_len=15", "--config.model.max_len=15", "--config.model.d_model=32",
@@ -17,11 +15,7 @@ TINY = ["--config=configs/toy.py:mta_n3_first", "--config.data.toy.n_blocks=3",
 
 def test_train_py_runs_and_writes_workdir(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  r = subprocess.run([sys.executable, "train.py", *TINY, f"--workdir={workdir}"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=300, env=env)
-  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  r = train_cli.run(*TINY, f"--workdir={workdir}", check=True)
   out = r.stdout
   assert "train step compiled in" in out and "compiled memory per device" in out
   assert "step 2/6 | loss" in out and "tok/s" in out and "ETA" in out
@@ -43,9 +37,7 @@ def test_train_py_runs_and_writes_workdir(tmp_path):
   assert (workdir / "loss_curve.png").stat().st_size > 1000
 
   # --mode=eval restores the final checkpoint and reproduces the final eval.
-  r = subprocess.run([sys.executable, "train.py", *TINY, f"--workdir={workdir}", "--mode=eval"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  r = train_cli.run(*TINY, f"--workdir={workdir}", "--mode=eval", check=True)
   assert "eval @ step 6" in r.stdout
   got = float(r.stdout.split("seq_error ")[1].split(",")[0].split()[0])
   assert abs(got - evals[-1]["seq_error"]) < 1e-6

@@ -4,12 +4,10 @@ reduced scale stays clearly higher. Run with `python -m pytest -q -m slow`."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import train_cli
 
 
 def _final_error(workdir) -> float:
@@ -18,11 +16,7 @@ def _final_error(workdir) -> float:
 
 
 def _run(args, workdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  r = subprocess.run([sys.executable, "train.py", *args, f"--workdir={workdir}"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=3600, env=env)
-  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  train_cli.run(*args, f"--workdir={workdir}", timeout=3600, check=True)
   return _final_error(workdir)
 
 

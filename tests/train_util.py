@@ -4,9 +4,9 @@ batches, a few-step runner on any mesh, and a seconds-long toy-task config."""
 import jax
 import numpy as np
 
+import tiny_mta
 from mta_jax import sharding, train_lib
-from mta_jax.config import (AttentionConfig, DataConfig, MeshConfig, ModelConfig, OptimConfig,
-                            ToyConfig, TrainConfig)
+from mta_jax.config import DataConfig, MeshConfig, ModelConfig, OptimConfig, ToyConfig, TrainConfig
 
 VOCAB, T, B = 32, 16, 8
 
@@ -14,9 +14,7 @@ VOCAB, T, B = 32, 16, 8
 def tiny_config(**optim_kw) -> TrainConfig:
   """A 2-layer MTA model using every MTA part: pre/post convs (layer 1), head mixing in groups
   of 2 of 4 heads (2 groups: splits evenly over tensor=2), gated group norm."""
-  attention = AttentionConfig(pre_conv=True, post_conv=True, c_q=2, c_k=3, post_c_q=2,
-                              post_c_k=3, kq_layers=(1,), head_mix_pre=True, head_mix_post=True,
-                              c_h=2, group_norm=True, init="const", init_const=0.2)
+  attention = tiny_mta.attention(init="const", init_const=0.2)
   model = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_len=T,
                       attention=attention)
   o = dict(lr=3e-3, warmup_steps=1, weight_decay=0.1, clip_norm=1.0)

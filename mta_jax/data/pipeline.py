@@ -7,23 +7,23 @@ padding and 1, 2, ... for the documents of a packed row; `positions` restart at 
 document; `loss_mask` is 1 where the target is scored.
 
 Batches hold the rows of ONE process: `data.batch_size // process_count` rows (eval:
-`data.eval_batch_size or data.batch_size`, divided the same way). `to_global_batch` turns them
-into global jax.Arrays.
+`data.eval_batch_size or data.batch_size`, divided the same way); `train_lib.to_global` turns
+them into global jax.Arrays.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import grain
 import jax
 import numpy as np
 
-from mta_jax.config import ConfigError, TrainConfig
+from mta_jax.config import ConfigError, TrainConfig, per_process_rows
+from mta_jax.data import text_pipeline, tokenizer
 from mta_jax.data import toy as toy_lib
+from mta_jax.data.rows import empty_row, eval_batch_rows, prefetch, read_options, stack_rows
 
-ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 SOURCES = ("toy", "synthetic", "tfds", "text")
 
 
@@ -40,39 +40,8 @@ def _processes(process_index: Optional[int], process_count: Optional[int]) -> tu
   return pi, pc
 
 
-def per_process_rows(global_rows: int, process_count: int, setting: str) -> int:
-  """Rows one process loads; ConfigError unless the global batch splits evenly."""
-  if global_rows < 1 or global_rows % process_count:
-    raise ConfigError(f"{setting}={global_rows} must be a positive multiple of the "
-                      f"{process_count} processes (each loads an equal share).")
-  return global_rows // process_count
-
-
-def eval_batch_rows(cfg: TrainConfig) -> int:
-  return cfg.data.eval_batch_size or cfg.data.batch_size
-
-
 def _eval_setting(cfg: TrainConfig) -> str:
   return "data.eval_batch_size" if cfg.data.eval_batch_size else "data.batch_size"
-
-
-def stack_rows(rows) -> dict[str, np.ndarray]:
-  """A list of row dicts -> a batch dict of stacked arrays (module level: picklable)."""
-  return {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
-
-
-def _read_options(d) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(1, d.prefetch) * 8)
-
-
-def _prefetch(ds: grain.IterDataset, d) -> grain.IterDataset:
-  if d.workers > 0:
-    from absl import flags
-    if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside an absl app mark them
-      flags.FLAGS.mark_as_parsed()   # parsed (defaults), as train.py's absl.app would
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers,
-                                                     per_worker_buffer_size=max(1, d.prefetch)))
-  return ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +86,6 @@ def vocab_size(cfg: TrainConfig) -> int:
   if d.source == "synthetic":
     return d.synthetic_vocab_size or cfg.model.vocab_size
   if d.source in ("tfds", "text"):
-    from mta_jax.data import tokenizer
     return tokenizer.vocab_size_of(d.tokenizer)
   raise ConfigError(f"data.source={d.source!r} is not allowed; choose one of {SOURCES}.")
 
@@ -181,14 +149,13 @@ def make_train_iterator(cfg: TrainConfig, *, process_index: Optional[int] = None
   b = per_process_rows(d.batch_size, pc, "data.batch_size")
   if d.source in ("toy", "synthetic"):
     ds = _map_train_rows(cfg, pi, pc).batch(b, drop_remainder=True, batch_fn=stack_rows)
-    ids = ds.to_iter_dataset(_read_options(d))
+    ids = ds.to_iter_dataset(read_options(d))
   elif d.source in ("tfds", "text"):
-    from mta_jax.data import text_pipeline
     ids = text_pipeline.train_rows(cfg, pi, pc).batch(b, drop_remainder=True,
                                                      batch_fn=stack_rows)
   else:
     raise ConfigError(f"data.source={d.source!r} is not allowed; choose one of {SOURCES}.")
-  return iter(_prefetch(ids, d))
+  return iter(prefetch(ids, d))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +171,7 @@ class _PaddedRows(grain.transforms.Map):
 
   def map(self, j):
     j = int(j)
-    return self.source[j] if j < len(self.source) else toy_lib.empty_row(self.seq_len)
+    return self.source[j] if j < len(self.source) else empty_row(self.seq_len)
 
 
 def padded_eval_dataset(source, seq_len: int, global_rows: int, pi: int, pc: int,
@@ -243,27 +210,5 @@ def make_eval_batches(cfg: TrainConfig, *, process_index: Optional[int] = None,
     src = SyntheticDataSource(vocab_size(cfg), d.seq_len, d.seed, split=1, length=n)
     return padded_eval_dataset(src, d.seq_len, global_rows, pi, pc, b)
   if d.source in ("tfds", "text"):
-    from mta_jax.data import text_pipeline
     return text_pipeline.eval_batches(cfg, pi, pc, b)
   raise ConfigError(f"data.source={d.source!r} is not allowed; choose one of {SOURCES}.")
-
-
-# ---------------------------------------------------------------------------------------------
-# Global arrays
-# ---------------------------------------------------------------------------------------------
-
-
-def to_global_batch(batch: dict, sharding: Any) -> dict[str, jax.Array]:
-  """Per-process numpy batch -> global jax.Arrays (jax.make_array_from_process_local_data).
-
-  Args:
-    batch: this process's rows, as yielded by the iterators above.
-    sharding: one `jax.sharding.NamedSharding` for every key (its spec shards the batch axis,
-      e.g. P(('data', 'fsdp'))), or a dict key -> sharding.
-  The global batch axis is process_count x the local one, in process order.
-  """
-  out = {}
-  for k, v in batch.items():
-    s = sharding[k] if isinstance(sharding, dict) else sharding
-    out[k] = jax.make_array_from_process_local_data(s, np.asarray(v))
-  return out

@@ -31,8 +31,9 @@ import grain
 import grain.experimental as gx
 import numpy as np
 
-from mta_jax.config import ConfigError
+from mta_jax.config import ConfigError, per_process_rows
 from mta_jax.data import sources
+from mta_jax.data.rows import empty_row, eval_batch_rows, prefetch, read_options, stack_rows
 from mta_jax.data.tokenizer import Tokenizer
 
 _FEATURES = ("inputs", "targets")
@@ -138,9 +139,8 @@ def _shuffled(src, d, k: int, repeat: bool) -> grain.MapDataset:
 
 
 def train_rows(cfg, pi: int, pc: int, repeat: bool = True) -> grain.IterDataset:
-  from mta_jax.data.pipeline import _read_options, per_process_rows
   b = per_process_rows(cfg.data.batch_size, pc, "data.batch_size")
-  docs = train_documents(cfg, pi, pc, repeat).to_iter_dataset(_read_options(cfg.data))
+  docs = train_documents(cfg, pi, pc, repeat).to_iter_dataset(read_options(cfg.data))
   return pack(docs, cfg, b, train=True)
 
 
@@ -153,7 +153,6 @@ class EvalBatches:
   """
 
   def __init__(self, cfg, pi: int, pc: int, rows: int):
-    from mta_jax.data.pipeline import eval_batch_rows
     self.cfg, self.pi, self.pc, self.rows = cfg, pi, pc, rows
     self.global_rows = eval_batch_rows(cfg)
     d = cfg.data
@@ -162,15 +161,12 @@ class EvalBatches:
     self.tokenizer = make_tokenizer(cfg)
 
   def _rows(self) -> grain.IterDataset:
-    from mta_jax.data.pipeline import _prefetch, _read_options
     d = self.cfg.data
     docs = grain.MapDataset.source(self.source).map(Tokenize(self.tokenizer, d.text_key))
-    docs = docs.to_iter_dataset(_read_options(d))
-    return _prefetch(pack(docs, self.cfg, self.global_rows, train=False), d)
+    docs = docs.to_iter_dataset(read_options(d))
+    return prefetch(pack(docs, self.cfg, self.global_rows, train=False), d)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    from mta_jax.data.pipeline import stack_rows
-    from mta_jax.data.toy import empty_row
     t = self.cfg.data.seq_len
     mine, j = [], 0
     for row in self._rows():

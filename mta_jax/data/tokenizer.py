@@ -38,13 +38,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from mta_jax.config import ConfigError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 KINDS = ("sentencepiece", "tiktoken", "huggingface")
-
-
-def _config_error(msg: str) -> Exception:
-  from mta_jax.config import ConfigError
-  return ConfigError(msg)
 
 
 def _epath(path: str):
@@ -54,7 +51,7 @@ def _epath(path: str):
 
 def _check_model_path(path: str, setting: str = "data.tokenizer") -> str:
   if not path:
-    raise _config_error(f"{setting} is empty; give the path of a tokenizer file (sentencepiece "
+    raise ConfigError(f"{setting} is empty; give the path of a tokenizer file (sentencepiece "
                         ".model, tiktoken BPE file or tokenizer.json; train one with "
                         "`python -m mta_jax.data.tokenizer --help`).")
   from mta_jax import paths
@@ -62,10 +59,10 @@ def _check_model_path(path: str, setting: str = "data.tokenizer") -> str:
   try:
     ok = _epath(path).is_file()
   except Exception as e:  # noqa: BLE001 - remote file systems raise many types
-    raise _config_error(f"{setting}={path!r} cannot be reached ({type(e).__name__}: {e}); check "
+    raise ConfigError(f"{setting}={path!r} cannot be reached ({type(e).__name__}: {e}); check "
                         "the path and your credentials.") from None
   if not ok:
-    raise _config_error(f"{setting}={path!r}: no such file; train a tokenizer with "
+    raise ConfigError(f"{setting}={path!r}: no such file; train a tokenizer with "
                         "`python -m mta_jax.data.tokenizer --data=... --output=...` or fix "
                         "the path.")
   return path
@@ -240,9 +237,9 @@ def _load(path: str, setting: str = "data.tokenizer"):
     if kind == "sentencepiece":
       return _SentencePiece(data)
   except Exception as e:  # noqa: BLE001 - each library raises its own types for a bad file
-    raise _config_error(f"{setting}={path!r} looks like a {kind} file but cannot be read "
+    raise ConfigError(f"{setting}={path!r} looks like a {kind} file but cannot be read "
                         f"({type(e).__name__}: {e}).") from None
-  raise _config_error(f"{setting}={path!r} is a tokenizer of an unknown kind: not a "
+  raise ConfigError(f"{setting}={path!r} is a tokenizer of an unknown kind: not a "
                       "sentencepiece .model, a tiktoken BPE file (base64 token and rank per "
                       "line) or a Hugging Face tokenizer.json; point it at one of those.")
 
@@ -271,10 +268,10 @@ class Tokenizer:
     self.bos_id, self.eos_id, self.pad_id = b.bos_id, b.eos_id, b.pad_id
     self.vocab_size = b.vocab_size
     if add_bos and self.bos_id < 0:
-      raise _config_error(f"{setting}={path!r} ({b.kind}) has no BOS token; set "
+      raise ConfigError(f"{setting}={path!r} ({b.kind}) has no BOS token; set "
                           "data.add_bos=False.")
     if add_eos and self.eos_id < 0:
-      raise _config_error(f"{setting}={path!r} ({b.kind}) has no EOS token; set "
+      raise ConfigError(f"{setting}={path!r} ({b.kind}) has no EOS token; set "
                           "data.add_eos=False.")
 
   def __getstate__(self):
