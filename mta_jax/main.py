@@ -151,9 +151,17 @@ def main(argv):
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
+  except _export_error() as e:  # a missing / incomplete export, or a bad export directory
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   except FloatingPointError as e:  # train_lib.NonFiniteLossError: NaN / inf loss
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+
+
+def _export_error():
+  from mta_jax.export import ExportError
+  return ExportError
 
 
 def _parse_flags(argv):
