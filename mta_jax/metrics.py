@@ -165,7 +165,7 @@ def _wandb_run(workdir: str, project: str, name: str, entity: str, config: dict 
     run_id = uuid.uuid4().hex[:12]
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id + "\n")
-  local = None if paths.is_uri(workdir) else workdir  # W&B keeps its files on local disk
+  local = None if storage.is_remote(workdir) else workdir  # W&B keeps its files on local disk
   return wandb.init(project=project, name=name or os.path.basename(os.path.normpath(workdir)),
                     entity=entity or None, id=run_id, resume="allow", dir=local, config=config)
 
