@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 
+import numpy as np
 import pytest
 from packaging.requirements import Requirement
 
@@ -120,10 +121,14 @@ def test_pip_install_gives_working_commands(tmp_path):
   r = cmd("mta-train", "--config=toy:baseline", "--mode=count_params")
   assert r.returncode == 0 and r.stdout.strip().endswith("params: 264768"), r.stderr[-2000:]
   assert "Unable to initialize backend" not in r.stderr  # quiet start-up
-  (elsewhere / "a.txt").write_text("".join(f"document {i} about cats\n" for i in range(30)))
+  rng = np.random.default_rng(0)
+  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 5)) for _ in range(40)]
+  (elsewhere / "a.txt").write_text("".join(" ".join(rng.choice(words, 12)) + "\n"
+                                           for _ in range(60)))
   r = cmd("mta-prepare", "--input=a.txt", "--output=data", "--name=cats")
   assert r.returncode == 0 and (elsewhere / "data" / "cats" / "1.0.0").is_dir(), r.stderr
-  r = cmd("mta-tokenizer", "--data=data/cats", "--output=tok/sp", "--vocab_size=25", "--quiet")
+  r = cmd("mta-tokenizer", "--data=data/cats", "--output=tok/sp", "--vocab_size=60",
+          "--model_type=bpe", "--quiet")
   assert r.returncode == 0, r.stderr[-2000:]
   r = cmd("mta-tokenizer", "--inspect=tok/sp.model")
-  assert r.returncode == 0 and "sentencepiece, vocabulary 25" in r.stdout
+  assert r.returncode == 0 and "sentencepiece, vocabulary 60" in r.stdout
