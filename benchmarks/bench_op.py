@@ -3,6 +3,14 @@
     python benchmarks/bench_op.py                       # T = 512 ... 8192
     python benchmarks/bench_op.py --quick               # T = 512, 1024; two repeats
     python benchmarks/bench_op.py --lengths 2048 --impls softmax,chunked
+    python benchmarks/bench_op.py --impls splash,pallas,chunked --dtype bfloat16   # on a TPU
+    python benchmarks/bench_op.py --impls cudnn,chunked --dtype bfloat16           # on a GPU
+    python benchmarks/bench_op.py --lengths 24 --impls pallas --c-h 4   # CPU: correctness only
+
+Baselines: "softmax" (`jax.nn.dot_product_attention`, XLA), "splash" (the Pallas splash
+attention kernel, TPU only), "cudnn" (cuDNN flash attention, NVIDIA GPUs, bf16/fp16 only).
+"pallas" off a TPU runs in Pallas interpret mode: it is not timed; its row reports the largest
+difference from "chunked" (forward and every gradient) instead.
 
 MTA op: pre- and post-softmax key-query convs 6 x 11, head mixing pre and post over all 16
 heads, 16 heads of 64, batch 1, float32 (random near-identity weights). "softmax" is causal
@@ -39,6 +47,9 @@ def counted_flops(impl: str, t: int, batch: int = 1, heads: int = HEADS, d: int 
     macs = t * t * 2 * d
   elif impl in ("xla",):
     macs = t * t * (2 * d + 2 * conv + 2 * mix)
+  elif impl == "pallas":  # fused forward tiles + the chunked VJP (forward recompute + backward)
+    return counted_flops("chunked", t, batch, heads, d, c_q, c_k, c_h) + 2 * batch * heads * (
+        _pallas_forward_macs(t, d, c_q, c_k, c_h))
   else:  # chunked variants: mirror ops_chunked's blocking
     from mta_jax import ops_chunked
     block = min(ops_chunked.DEFAULT_BLOCK, t)
@@ -56,6 +67,55 @@ def counted_flops(impl: str, t: int, batch: int = 1, heads: int = HEADS, d: int 
   return 3 * 2 * batch * heads * macs
 
 
+def _pallas_forward_macs(t: int, d: int, c_q: int, c_k: int, c_h: int) -> int:
+  """MACs of the two fused passes (both convs present), per head, mirroring ops_pallas."""
+  from mta_jax import ops_pallas
+  bq, bk = min(ops_pallas.DEFAULT_BLOCK_Q, t), min(ops_pallas.DEFAULT_BLOCK_K, t)
+  conv, rows_in, cols_in = c_q * c_k, bq + 2 * (c_q - 1), bk + 4 * (c_k // 2)
+  macs = 0
+  for i in range(-(-t // bq)):
+    tiles = min(-(-t // bk), ((i + 1) * bq - 1) // bk + 1)   # causal key-block skipping
+    pre = rows_in * cols_in * d + (bq + c_q - 1) * (bk + 2 * (c_k // 2)) * (conv + c_h)
+    macs += tiles * (2 * pre + bq * bk * (conv + c_h + d))  # pass 1, pass 2 (+ post, A.v)
+  return macs
+
+
+def _splash_loss(q, k, v, ct):
+  """Causal splash attention (TPU Pallas kernel) on [B, T, H, D], as a scalar loss."""
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  _, t, h, d = q.shape
+  mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(h)])
+  kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+  bhtd = lambda x: jnp.swapaxes(x, 1, 2)
+  out = jax.vmap(kernel)(bhtd(q) / jnp.sqrt(d).astype(q.dtype), bhtd(k), bhtd(v))
+  return jnp.vdot(jnp.swapaxes(out, 1, 2).astype(jnp.float32), ct)
+
+
+def _pallas_interpret_check(args, ct) -> dict:
+  """Off TPU: max |pallas - chunked| over the output and every gradient (no timing)."""
+  import jax
+  import jax.numpy as jnp
+  from mta_jax import implementations
+
+  def grads(impl):
+    def loss(q, k, v, kp, kpo, mp, mpo):
+      out = implementations.multi_token_attention(
+          q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo, head_mix_pre=mp, head_mix_post=mpo,
+          implementation=impl)
+      return jnp.vdot(out.astype(jnp.float32), ct), out
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(*args)
+
+  (_, out_p), g_p = grads("pallas")
+  (_, out_c), g_c = grads("chunked")
+  err = lambda a, b: float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
+  return {"note": f"interpret mode on {jax.default_backend()}: not timed; max |pallas - chunked|"
+                  f" out {err(out_p, out_c):.1e}, grads "
+                  f"{max(err(a, b) for a, b in zip(g_p, g_c)):.1e}"}
+
+
 def worker(cfg: dict) -> dict:
   import jax
   import jax.numpy as jnp
@@ -63,23 +123,35 @@ def worker(cfg: dict) -> dict:
 
   t, batch, impl = cfg["t"], cfg["batch"], cfg["impl"]
   keys = jax.random.split(jax.random.PRNGKey(0), 8)
-  q, k, v = (jax.random.normal(keys[i], (batch, t, HEADS, HEAD_DIM)) for i in range(3))
+  dtype = jnp.dtype(cfg.get("dtype", "float32"))
+  q, k, v = (jax.random.normal(keys[i], (batch, t, HEADS, HEAD_DIM), dtype) for i in range(3))
   near = lambda base, key: base + 0.01 * jax.random.normal(key, base.shape)
   kp = near(ops.identity_kq_kernel(HEADS, C_Q, C_K), keys[3])
   kpo = near(ops.identity_kq_kernel(HEADS, C_Q, C_K), keys[4])
-  mp = near(ops.identity_head_mix(HEADS, HEADS), keys[5])
-  mpo = near(ops.identity_head_mix(HEADS, HEADS), keys[6])
+  c_h = cfg.get("c_h", HEADS)
+  mp = near(ops.identity_head_mix(HEADS, c_h), keys[5])
+  mpo = near(ops.identity_head_mix(HEADS, c_h), keys[6])
   ct = jax.random.normal(keys[7], q.shape)
 
-  if impl == "softmax":
+  if impl == "pallas" and jax.default_backend() != "tpu":
+    res = _pallas_interpret_check((q, k, v, kp, kpo, mp, mpo), ct)
+    res.update(cfg)
+    return res
+  if impl in ("softmax", "cudnn"):
+    backend = "cudnn" if impl == "cudnn" else None
     def loss(q, k, v, *_):
-      return jnp.vdot(jax.nn.dot_product_attention(q, k, v, is_causal=True), ct)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=backend)
+      return jnp.vdot(out.astype(jnp.float32), ct)
+  elif impl == "splash":
+    if jax.default_backend() != "tpu":
+      raise RuntimeError("splash attention needs a TPU")
+    loss = lambda q, k, v, *_: _splash_loss(q, k, v, ct)
   else:
     def loss(q, k, v, kp, kpo, mp, mpo):
       out = implementations.multi_token_attention(
           q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo, head_mix_pre=mp, head_mix_post=mpo,
           implementation=impl)
-      return jnp.vdot(out, ct)
+      return jnp.vdot(out.astype(jnp.float32), ct)
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6)))
   res = common.measure(step, (q, k, v, kp, kpo, mp, mpo), cfg["repeats"], cfg["mem_budget_gib"])
   res.update(cfg)
@@ -90,7 +162,13 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--lengths", default="512,1024,2048,4096,8192")
   p.add_argument("--impls", default="softmax,chunked,xla",
-                 help="softmax and any name in mta_jax.implementations.IMPLEMENTATIONS")
+                 help="softmax, splash (TPU), cudnn (GPU) and any name in "
+                      "mta_jax.implementations.IMPLEMENTATIONS")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="q, k, v dtype (cudnn needs bfloat16)")
+  p.add_argument("--baseline", default="softmax", help="the row the ratios divide by")
+  p.add_argument("--c-h", type=int, default=HEADS,
+                 help="heads per mixing group (pallas on TPU compiles with <= 4 for now)")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--long-repeats", type=int, default=1, help="repeats for T >= 4096")
@@ -117,14 +195,18 @@ def main() -> None:
       if impl == "xla" and t > args.xla_max_len:
         continue
       cfg = {"impl": impl, "t": t, "batch": args.batch, "mem_budget_gib": args.mem_budget_gib,
-             "repeats": args.repeats if t < 4096 else args.long_repeats}
+             "repeats": args.repeats if t < 4096 else args.long_repeats, "dtype": args.dtype,
+             "c_h": args.c_h}
       res = common.run_and_report(os.path.abspath(__file__), cfg, args.timeout, impl)
-      res["gflop"] = counted_flops(impl, t, args.batch) / 1e9
+      res["gflop"] = counted_flops(impl, t, args.batch, c_h=args.c_h) / 1e9
       results.append(res)
 
-  rows = []
+  rows, notes = [], []
   for r in results:
-    base = common.reference_row(results, r, "impl", "softmax")
+    base = common.reference_row(results, r, "impl", args.baseline)
+    if "note" in r:
+      notes.append(f"T={r['t']} {r['impl']}: {r['note']}")
+      continue
     if "error" in r:
       rows.append([r["t"], r["impl"], "-", "-", "-", "-", f"{r['gflop']:.0f}", "-", "-",
                    r["error"][:40]])
@@ -134,9 +216,12 @@ def main() -> None:
                  ratio("cpu_s"), f"{r['gflop']:.0f}",
                  f"{r['gflop'] / base['gflop']:.2f}" if base else "-",
                  f"{r['peak_rss_mib']:.0f}", f"{r['xla_temp_mib']:.0f}"])
-  header = ["T", "impl", "wall s", "cpu s", "wall/softmax", "cpu/softmax", "GFLOP",
-            "FLOP/softmax", "peak MiB", "XLA temp MiB"]
-  print(common.table(rows, header))
+  b = args.baseline
+  header = ["T", "impl", "wall s", "cpu s", f"wall/{b}", f"cpu/{b}", "GFLOP", f"FLOP/{b}",
+            "peak MiB", "XLA temp MiB"]
+  if rows:
+    print(common.table(rows, header))
+  print("\n".join(notes))
   common.write_json(args.out, {"machine": common.machine(), "argv": sys.argv,
                                "results": results})
   print(f"wrote {args.out}")

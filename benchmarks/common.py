@@ -108,8 +108,8 @@ def run_and_report(script: str, config: dict, timeout_s: float, label: str) -> d
   """`run_worker`, with the configuration merged into the result and one status line printed."""
   res = run_worker(script, config, timeout_s)
   res.update(config)
-  status = res.get("error") or (f"wall {res['wall_s']:.3f}s cpu {res['cpu_s']:.3f}s "
-                                f"peak {res['peak_rss_mib']:.0f} MiB")
+  status = res.get("error") or res.get("note") or (
+      f"wall {res['wall_s']:.3f}s cpu {res['cpu_s']:.3f}s peak {res['peak_rss_mib']:.0f} MiB")
   print(f"T={config['t']:5d} {label:16s} {status}", flush=True)
   return res
 
@@ -117,7 +117,7 @@ def run_and_report(script: str, config: dict, timeout_s: float, label: str) -> d
 def reference_row(results: list[dict], row: dict, key: str, name: str) -> dict | None:
   """The successful result with row's length whose `key` is `name` (what ratios divide by)."""
   return next((b for b in results if b["t"] == row["t"] and b[key] == name
-               and "error" not in b), None)
+               and "error" not in b and "note" not in b), None)
 
 
 def emit_worker(fn, cfg: dict) -> None:

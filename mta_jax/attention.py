@@ -23,7 +23,7 @@ from flax import nnx
 from mta_jax import implementations, ops
 from mta_jax.config import ModelConfig
 from mta_jax.layers import INIT_STD, normal, ones, param, rms_norm, zeros, apply_rope
-from mta_jax.sharding import constrain
+from mta_jax.sharding import constrain, logical_to_spec
 
 Array = jax.Array
 
@@ -59,6 +59,29 @@ def _head_mix_init(kind: str, const: float):
 def depth_scale(layer: int) -> float:
   """v1 group-norm scaling 1 - lambda(l), lambda(l) = 0.8 - 0.6 exp(-0.3 l) (Diff Transformer)."""
   return 1.0 - (0.8 - 0.6 * math.exp(-0.3 * layer))
+
+
+def _per_shard(op):
+  """Runs `op` under `jax.shard_map` over the mesh in context (a Pallas call cannot be
+  partitioned by XLA): each shard gets its batch rows and its heads / head groups, with the
+  same logical-axis rules as the activations and parameters. Without a mesh: `op` itself."""
+  def wrapped(q, k, v, kq_pre, kq_post, mix_pre, mix_post, seg):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return op(q, k, v, kq_pre, kq_post, mix_pre, mix_post, seg)
+    qkv = ("act_batch", "act_length", "act_heads", None)
+    names = (qkv, qkv, qkv, ("heads", None, None), ("heads", None, None),
+             ("head_groups", None, None), ("head_groups", None, None), ("act_batch", None))
+    args = (q, k, v, kq_pre, kq_post, mix_pre, mix_post, seg)
+    specs = tuple(None if x is None else logical_to_spec(n, x.shape, mesh)
+                  for n, x in zip(names, args))
+    heads_axes = specs[0][2]
+    for name, spec in zip(("kq_pre", "kq_post", "mix_pre", "mix_post"), specs[3:7]):
+      if spec is not None and spec[0] != heads_axes:
+        raise ValueError(f"the Pallas MTA op needs {name} split like the heads ({heads_axes}); "
+                         f"got {spec[0]} (make n_heads / c_h divide the tensor axis evenly).")
+    return jax.shard_map(op, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
+  return wrapped
 
 
 class Attention(nnx.Module):
@@ -121,11 +144,17 @@ class Attention(nnx.Module):
     if not self.uses_mta_op and rate == 0.0:
       return ops.dot_product_attention(q, k, v, segment_ids=segment_ids_BxT)
     get = lambda w: None if w is None else w[...]
-    return implementations.multi_token_attention(
-        q, k, v, kq_kernel_pre=get(self.kq_pre), kq_kernel_post=get(self.kq_post),
-        head_mix_pre=get(self.mix_pre), head_mix_post=get(self.mix_post),
-        segment_ids=segment_ids_BxT, implementation=a.implementation,
-        dropout_rate=rate, dropout_rng=dropout_rng)
+    weights = (get(self.kq_pre), get(self.kq_post), get(self.mix_pre), get(self.mix_post))
+
+    def op(q, k, v, kq_pre, kq_post, mix_pre, mix_post, seg):
+      return implementations.multi_token_attention(
+          q, k, v, kq_kernel_pre=kq_pre, kq_kernel_post=kq_post, head_mix_pre=mix_pre,
+          head_mix_post=mix_post, segment_ids=seg, implementation=a.implementation,
+          dropout_rate=rate, dropout_rng=dropout_rng)
+
+    if a.implementation == "pallas":
+      op = _per_shard(op)
+    return op(q, k, v, *weights, segment_ids_BxT)
 
   def weights(self, x_BxTxD: Array, positions_BxT: Array,
               segment_ids_BxT: Array | None = None) -> Array:

@@ -36,6 +36,7 @@ import dataclasses
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from typing import Any, Mapping
@@ -46,8 +47,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from mta_jax import ckpt_integrity
 from mta_jax import config as config_lib
-from mta_jax import paths, tree_io
+from mta_jax import faults, paths, tree_io
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class _QuietOrbax(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietOrbax())
+# A failed background save is re-raised to the caller: log it as one line, not a traceback.
+logging.getLogger("absl").addFilter(faults.LibraryFaults("orbax", "checkpoint save"))
 
 FORMAT_VERSION = 1
 ITEMS = ("params", "opt_state", "data_iter", "meta")
@@ -123,7 +127,10 @@ class DataIterHandler(ocp.CheckpointHandler):
     else:
       record = {"encoding": "json", "state": state}
     path = _process_file(directory, jax.process_index(), jax.process_count())
-    path.write_text(json.dumps(record, indent=1))
+    try:
+      path.write_text(json.dumps(record, indent=1))
+    except OSError as e:  # name the file: a bare write error (e.g. disk full) carries no path
+      raise OSError(e.errno, e.strerror, str(path)) from e
 
   def restore(self, directory: epath.Path, args: "DataIterRestore" = None):
     path = _process_file(directory, jax.process_index(), jax.process_count())
@@ -177,13 +184,14 @@ def _iter_state(data_iter):
 # ---------------------------------------------------------------------------------------------
 
 
-def raise_incompatible(where: str, diffs: list[str], hint: str = "") -> None:
+def raise_incompatible(where: str, diffs: list[str], hint: str = "",
+                       what: str = "the current model") -> None:
   if not diffs:
     return
   shown = "\n  ".join(diffs[:20])
   more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
   raise IncompatibleCheckpointError(
-      f"checkpoint at {where} does not fit the current model:\n  {shown}{more}\n"
+      f"checkpoint at {where} does not fit {what}:\n  {shown}{more}\n"
       f"{hint or 'Use the config the checkpoint was written with, or a fresh workdir.'}")
 
 
@@ -223,6 +231,9 @@ class Checkpointer:
         save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
         enable_async_checkpointing=self.ccfg.async_save,
+        # Checksums are written by Orbax's background thread once a save is finalised.
+        async_options=(ocp.AsyncOptions(post_finalization_callback=self._after_async_save)
+                       if self.ccfg.async_save and not read_only else None),
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
         create=not read_only)
@@ -232,22 +243,34 @@ class Checkpointer:
                        "opt_state": ocp.StandardCheckpointHandler(),
                        "data_iter": DataIterHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
+    self._data_sig: dict | None = None
+    self._to_hash: list[int] = []  # saved steps whose checksums are not written yet (FIFO)
+    self._hash_lock = threading.Lock()
     self._stop_requested = False
     self._stop_at: int | None = None
     self._closed = False
     atexit.register(self._finish_at_exit)  # an exception in the loop still completes saves
-    self._prev_handler = None
+    self._prev_handlers: dict = {}
     if (not read_only and jax.process_count() == 1
         and threading.current_thread() is threading.main_thread()):
       # Multi-process runs rely on JAX's preemption sync point instead (see should_stop).
-      self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
 
   # -- signals ----------------------------------------------------------------------------------
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
+  def _on_signal(self, signum, frame):
+    """SIGTERM and a first Ctrl-C (SIGINT): save at the next step boundary, then exit.
+    A second Ctrl-C aborts at once (KeyboardInterrupt) without saving."""
+    del frame
+    if signum == signal.SIGINT and self._stop_requested:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt("second Ctrl-C: aborted without saving")
     self._stop_requested = True
-    log.warning("SIGTERM received: saving at the next step boundary, then exiting.")
+    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+    extra = " Press Ctrl-C again to abort without saving." if signum == signal.SIGINT else ""
+    print(f"{name} received: saving at the next step boundary, then exiting.{extra}",
+          file=sys.stderr, flush=True)
 
   def should_stop(self, step: int) -> bool:
     """True once SIGTERM arrived (single process) or JAX's preemption sync point is reached."""
@@ -280,6 +303,7 @@ class Checkpointer:
         format_version=FORMAT_VERSION, step=int(step),
         config=config_lib.to_dict(self.cfg),
         tokenizer=self.cfg.data.tokenizer or None,
+        data_signature=self._data_signature(),
         process_count=jax.process_count(), device_count=jax.device_count(),
         saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return json.loads(json.dumps(out, default=_json_default))
@@ -300,10 +324,68 @@ class Checkpointer:
     state = _iter_state(data_iter)
     if state is not None:
       items["data_iter"] = DataIterSave(state)
+    with self._hash_lock:
+      self._to_hash.append(step)  # before the save: its background callback may come at once
     saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
-    if saved:
+    if not saved:
+      with self._hash_lock:
+        self._to_hash.remove(step)
+    else:
       log.info("checkpoint: saving step %d to %s", step, self.directory)
+      if not self.ccfg.async_save:
+        self._hash_next()
     return saved
+
+  def wants_save(self, step: int) -> bool:
+    """True when `maybe_save` would save `step` (interval policy or a requested stop)."""
+    step = int(step)
+    if step in self._mngr.all_steps():
+      return False
+    return self.should_stop(step) or self._mngr.should_save(step)
+
+  def check_for_errors(self) -> None:
+    """Raise now the error of a failed background save (e.g. disk full), not at the next save."""
+    self._mngr.check_for_errors()
+
+  # -- checksums (mta_jax.ckpt_integrity) -------------------------------------------------------
+
+  def _step_dir_being_saved(self, step: int) -> epath.Path | None:
+    final = self.directory / str(step)
+    if final.exists():
+      return final
+    tmp = [p for p in self.directory.iterdir()
+           if p.name.startswith(f"{step}.") and _is_incomplete(p.name)]
+    return tmp[0] if len(tmp) == 1 else None
+
+  def _hash_next(self) -> None:
+    """Write the checksums of the oldest saved step not hashed yet (process 0)."""
+    with self._hash_lock:
+      if not self._to_hash:
+        return
+      step = self._to_hash.pop(0)
+    if jax.process_index() != 0:
+      return
+    d = self._step_dir_being_saved(step)
+    if d is None:
+      log.warning("checkpoint step %d: directory not found, no checksums written", step)
+      return
+    ckpt_integrity.write(d)
+
+  def _after_async_save(self) -> None:
+    """Orbax's post-finalisation callback: the step's files are complete (the step directory
+    may still carry its temporary name; checksums.json moves with it)."""
+    try:
+      self._hash_next()
+    except Exception as e:  # noqa: BLE001 - a failure here must not fail the save itself
+      log.warning("could not write checkpoint checksums: %s", faults.one_line(e))
+
+  def verify_step(self, step: int) -> None:
+    """CorruptCheckpointError if `step` does not match its checksums; a warning if it has none."""
+    n = ckpt_integrity.verify(self.directory / str(step))
+    if n is None:
+      log.warning("checkpoint %s has no checksums (an older version wrote it, or the run "
+                  "stopped before they were written); using it unverified.",
+                  self.directory / str(step))
 
   def maybe_save(self, step: int, train_state, data_iter=None,
                  meta: Mapping | None = None) -> bool:
@@ -323,9 +405,13 @@ class Checkpointer:
     atexit.unregister(self._finish_at_exit)
     self._mngr.wait_until_finished()
     self._mngr.close()
-    if self._prev_handler is not None:
-      signal.signal(signal.SIGTERM, self._prev_handler)
-      self._prev_handler = None
+    with self._hash_lock:
+      left = len(self._to_hash)
+    for _ in range(left):  # normally none: each finished save wrote its own
+      self._hash_next()
+    for sig, handler in self._prev_handlers.items():
+      signal.signal(sig, handler)
+    self._prev_handlers = {}
 
   def __enter__(self):
     return self
@@ -353,7 +439,36 @@ class Checkpointer:
       raise_incompatible(where, tree_io.tree_shape_diff(self.stored_shapes(step, item),
                                                         tree_io.flatten(target), item))
 
+  def check_same_data(self, step: int, meta: Mapping) -> None:
+    """Refuse to resume onto other data (IncompatibleCheckpointError listing the differences)
+    unless checkpoint.allow_data_change, which turns the refusal into a warning."""
+    stored = meta.get("data_signature")
+    if not isinstance(stored, Mapping) or self.cfg is None:  # written before signatures existed
+      return
+    current = self._data_signature()
+    diffs = [f"{k}: checkpoint {stored.get(k)!r}, current {current.get(k)!r}"
+             for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+    if not diffs:
+      return
+    where = str(self.directory / str(step))
+    if self.ccfg.allow_data_change:
+      log.warning("resuming %s on different data (checkpoint.allow_data_change=True): %s",
+                  where, "; ".join(diffs))
+      return
+    raise_incompatible(where, diffs, hint=(
+        "The run would continue on other data than it was trained on. Use the data settings "
+        "of the checkpoint, a fresh workdir, or --config.checkpoint.allow_data_change=True to "
+        "resume anyway."), what="the current data")
+
+  def _data_signature(self) -> dict:
+    if self._data_sig is None:
+      self._data_sig = data_signature(self.cfg)
+    return self._data_sig
+
   def _quarantine(self, step: int) -> None:
+    """Move an unreadable checkpoint aside (training only: eval and export change nothing)."""
+    if self.read_only:
+      return
     if jax.process_index() == 0:
       src = self.directory / str(step)
       dst = self.directory / f"unreadable.{step}.{int(time.time())}"
@@ -400,7 +515,6 @@ class Checkpointer:
         errors.append(self._unreadable(step, e))
         bad.append(step)
         continue
-      _follow_data_iter(step, meta, restored, data_iter)
       state = _rebuild(abstract_train_state, {
           "params": tree_io.fill(parts["params"], tree_io.flatten(restored["params"])),
           "opt_state": tree_io.fill(parts["opt_state"], tree_io.flatten(restored["opt_state"]))})
@@ -417,9 +531,13 @@ class Checkpointer:
         "good copy.")
 
   def _restore_step(self, step: int, targets: Mapping[str, dict], data_iter):
-    """(meta, restored items) of `step`; raises if it is unreadable or of another model."""
+    """(meta, restored items) of `step`, the data iterator moved to its position; raises if it
+    is corrupt or unreadable, of another model, or (training) of other data."""
+    self.verify_step(step)
     meta = dict(self.read_meta(step))
     self.check_compatible(step, meta, targets)
+    if data_iter is not None:  # training continues the data stream: it must be the same
+      self.check_same_data(step, meta)
     same_processes = meta.get("process_count", 1) == jax.process_count()
     has_iter = (self.directory / str(step) / "data_iter").exists()
     want_iter = data_iter is not None and same_processes and has_iter
@@ -429,6 +547,7 @@ class Checkpointer:
     restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
     jax.block_until_ready(restored["params"])
     meta["data_restarted"] = data_iter is not None and not want_iter
+    _follow_data_iter(step, meta, restored, data_iter)  # a wrong state falls back too
     return meta, restored
 
   def _unreadable(self, step: int, e: Exception) -> str:
@@ -451,6 +570,7 @@ def _follow_data_iter(step: int, meta: Mapping, restored: Mapping, data_iter) ->
   if data_iter is None:
     return
   if not meta["data_restarted"]:
+    _check_iter_state(restored["data_iter"])
     data_iter.set_state(restored["data_iter"])
     return
   same_processes = meta.get("process_count", 1) == jax.process_count()
@@ -460,6 +580,51 @@ def _follow_data_iter(step: int, meta: Mapping, restored: Mapping, data_iter) ->
       "checkpoint step %d %s: the data iterator position cannot follow. The data stream "
       "restarts from its beginning (deterministically, from the configured seed); "
       "examples seen before the checkpoint may be seen again.", step, why)
+
+
+# The data settings a resumed run must share with its checkpoint (data.<field>).
+_DATA_FIELDS = ("source", "path", "tfds_name", "train_split", "text_key", "add_bos", "add_eos",
+                "packing", "seq_len", "batch_size", "pack_bins", "long_docs", "shuffle",
+                "shuffle_window", "seed", "synthetic_vocab_size", "toy")
+
+
+def _file_sha256(path: str) -> str | None:
+  import hashlib
+  try:
+    return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
+  except OSError:
+    return None
+
+
+def data_signature(cfg: config_lib.TrainConfig) -> dict:
+  """What the training data stream depends on: the data settings that matter for the source
+  and the sha256 of the tokenizer file (its content, not only its size or path)."""
+  d = cfg.data
+  sig = {}
+  for f in _DATA_FIELDS:
+    v = getattr(d, f, None)
+    if f == "toy" and d.source != "toy":
+      continue
+    sig[f"data.{f}"] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+  if d.tokenizer:
+    sig["tokenizer sha256"] = _file_sha256(d.tokenizer)
+  return json.loads(json.dumps(sig, default=_json_default))
+
+
+def _check_iter_state(state, where: str = "data_iter") -> None:
+  """CheckpointError for an iterator state no iterator could have written: a negative
+  position or index (grain's set_state accepts it and fails at the next batch)."""
+  if isinstance(state, Mapping):
+    for k, v in state.items():
+      name = f"{where}.{k}"
+      if (isinstance(v, int) and not isinstance(v, bool) and v < 0
+          and any(w in str(k) for w in ("index", "pos"))):
+        raise CheckpointError(f"the data-iterator state has {name}={v}, which no iterator "
+                              "writes.")
+      _check_iter_state(v, name)
+  elif isinstance(state, (list, tuple)):
+    for i, v in enumerate(state):
+      _check_iter_state(v, f"{where}[{i}]")
 
 
 def _rebuild(abstract_train_state, parts: Mapping[str, Any]):

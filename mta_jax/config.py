@@ -44,6 +44,7 @@ class AttentionConfig:
   init_const: float = 0.1
   dropout: float = 0.0             # attention-weight dropout, training only
   implementation: str = "chunked"  # "chunked" (exact, O(block x T) memory) | "xla" (reference)
+  #                                  | "pallas" (fused forward kernel; interpret mode off TPU)
 
 
 @dataclasses.dataclass
@@ -129,6 +130,8 @@ class DataConfig:
   pack_bins: int = 0               # first_fit: rows filled at once; 0 -> rows per process batch
   long_docs: str = "split"         # first_fit: documents longer than seq_len: "split" | "error"
   synthetic_vocab_size: int = 0    # source "synthetic": token range; 0 -> model.vocab_size
+  shuffle_window: int = 0          # real text: shuffle packed training rows in windows of this
+                                   # many rows (mixes long documents; memory grows with it); 0 = off
 
 
 @dataclasses.dataclass
@@ -169,6 +172,8 @@ class CheckpointConfig:
   export_dir: str = ""             # --mode=export output; "" -> <workdir>/export
   export_dtype: str = ""           # "" keeps the parameter dtype; "bfloat16" casts
   export_step: int = -1            # -1 -> the latest checkpoint
+  # Resume even though the data (tokenizer file, source, packing) differs from the checkpoint's.
+  allow_data_change: bool = False
 
 
 @dataclasses.dataclass
@@ -276,6 +281,9 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     raise ConfigError(f"{prefix}.attention.dropout must be in [0, 1); got {a.dropout}.")
   from mta_jax import implementations  # local import: config stays importable without jax
   check_choice(f"{prefix}.attention.implementation", a.implementation, implementations.names())
+  if a.implementation == "pallas" and a.dropout > 0.0:
+    raise ConfigError(f"{prefix}.attention.implementation='pallas' has no attention dropout; "
+                      f"set {prefix}.attention.dropout=0 or use implementation='chunked'.")
 
 
 def to_dict(cfg) -> dict:
@@ -548,7 +556,7 @@ def validate_data(d: DataConfig, prefix: str = "data") -> None:
   check_choice(f"{prefix}.source", d.source, ("toy", "synthetic", "tfds", "text"))
   check_choice(f"{prefix}.packing", d.packing, ("concat", "first_fit"))
   check_choice(f"{prefix}.long_docs", d.long_docs, ("split", "error"))
-  for field in ("workers", "prefetch", "pack_bins", "synthetic_vocab_size"):
+  for field in ("workers", "prefetch", "pack_bins", "synthetic_vocab_size", "shuffle_window"):
     if getattr(d, field) < 0:
       raise ConfigError(f"{prefix}.{field} must be >= 0; got {getattr(d, field)}.")
   if d.source == "tfds" and not d.tfds_name:

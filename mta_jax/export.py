@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -41,7 +42,7 @@ from flax import nnx
 
 from mta_jax import checkpoint as ckpt_lib
 from mta_jax import config as config_lib
-from mta_jax import paths, sharding, storage, tree_io
+from mta_jax import faults, paths, sharding, storage, tree_io
 from mta_jax.model import TransformerLM
 
 log = logging.getLogger(__name__)
@@ -203,21 +204,28 @@ def export_checkpoint(workdir: str, out_dir: str, *, dtype: str = "", step: Opti
                       "); train first, or pass the run's --workdir.")
   ck = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
-    step = ck.latest_step() if step is None or step < 0 else int(step)
-    if step is None or step not in ck.all_steps():
-      raise ExportError(f"checkpoint step {step} not found in {ck.directory}; available: "
-                        f"{ck.all_steps()}.")
-    meta = ck.read_meta(step)
-    stored = config_lib.from_dict(config_lib.TrainConfig, meta["config"],
-                                  f"{ck.directory}/{step}/meta")
-    if cfg is not None:
-      diffs = config_lib.model_config_diff(stored.model, cfg.model, ignore=())
-      if diffs:
-        log.warning("exporting with the checkpoint's own model config, which differs from the "
-                    "command line's: %s", "; ".join(diffs))
-    shapes = ck.stored_shapes(step, "params")
-    target = tree_io.nest({p: np.zeros(m.shape, m.dtype) for p, m in shapes.items()})
-    params = tree_io.flatten(ck.restore_item(step, "params", target))
+    if step is None or step < 0:  # the newest checkpoint that reads back and verifies
+      candidates = sorted(ck.all_steps(), reverse=True)
+    else:
+      candidates = [int(step)]
+      if step not in ck.all_steps():
+        raise ExportError(f"checkpoint step {step} not found in {ck.directory}; available: "
+                          f"{ck.all_steps()}.")
+    errors = []
+    for step in candidates:
+      try:
+        step, meta, stored, params = _read_checkpoint(ck, step, cfg)
+        break
+      except (ExportError, config_lib.ConfigError):
+        raise
+      except Exception as e:  # noqa: BLE001 - a corrupt checkpoint: try the previous one
+        errors.append(f"step {step}: {faults.one_line(e)}")
+        if len(candidates) > 1:
+          log.warning("checkpoint %s/%d cannot be exported (%s); trying the previous one.",
+                      ck.directory, step, errors[-1])
+    else:
+      raise ExportError(f"no checkpoint in {ck.directory} can be exported:\n  " +
+                        "\n  ".join(errors))
   finally:
     ck.close()
   if dtype:
@@ -229,6 +237,23 @@ def export_checkpoint(workdir: str, out_dir: str, *, dtype: str = "", step: Opti
   out = write_export(out_dir, params, stored, step=step, tokenizer=tokenizer)
   log.info("exported step %d of %s to %s", step, workdir, out)
   return out
+
+
+def _read_checkpoint(ck, step: int, cfg: Optional[config_lib.TrainConfig]):
+  """(step, meta, stored config, flat params) of one verified checkpoint."""
+  ck.verify_step(step)
+  meta = ck.read_meta(step)
+  stored = config_lib.from_dict(config_lib.TrainConfig, meta["config"],
+                                f"{ck.directory}/{step}/meta")
+  if cfg is not None:
+    diffs = config_lib.model_config_diff(stored.model, cfg.model, ignore=())
+    if diffs:
+      log.warning("exporting with the checkpoint's own model config, which differs from the "
+                  "command line's: %s", "; ".join(diffs))
+  shapes = ck.stored_shapes(step, "params")
+  target = tree_io.nest({p: np.zeros(m.shape, m.dtype) for p, m in shapes.items()})
+  params = tree_io.flatten(ck.restore_item(step, "params", target))
+  return step, meta, stored, params
 
 
 def export_main(cfg: config_lib.TrainConfig, workdir: str) -> str:
@@ -263,10 +288,13 @@ def read_manifest(path: str, verify: bool = True) -> dict:
     manifest = json.loads(mpath.read_text())
   except (OSError, ValueError) as e:
     raise ExportError(f"{mpath} is unreadable or corrupt: {e}") from e
+  if not isinstance(manifest, dict):
+    raise ExportError(f"{mpath} is not a JSON object (got {type(manifest).__name__}).")
   if manifest.get("format") != EXPORT_FORMAT or manifest.get("version") != EXPORT_VERSION:
     raise ExportError(f"{mpath}: format {manifest.get('format')!r} version "
                       f"{manifest.get('version')!r}; this code reads {EXPORT_FORMAT!r} version "
                       f"{EXPORT_VERSION}.")
+  _check_manifest(path, mpath, manifest)
   if verify:
     for rel, digest in manifest["files"].items():
       full = root / rel
@@ -276,6 +304,54 @@ def read_manifest(path: str, verify: bool = True) -> dict:
         raise ExportError(f"export {path!r} is corrupt: {rel} does not match its checksum in "
                           f"{MANIFEST}. Re-export from the training checkpoint.")
   return manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _inside(root: str, rel) -> bool:
+  """`rel` is a plain relative path that stays inside `root` (symlinks resolved)."""
+  if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
+    return False
+  if any(part in ("", ".", "..") for part in rel.split("/")):
+    return False
+  if storage.is_remote(root):  # object stores have no symlinks: the parts above decide
+    return True
+  real_root = os.path.realpath(root)
+  return os.path.realpath(os.path.join(root, rel)).startswith(real_root + os.sep)
+
+
+def _check_manifest(path: str, mpath: str, manifest: dict) -> None:
+  """ExportError unless the manifest lists every file the export needs, with a sha256 each,
+  every path inside the export directory, and well-typed fields."""
+  def bad(msg):
+    raise ExportError(f"{mpath} is malformed: {msg}. Re-export from the training checkpoint.")
+  files = manifest.get("files")
+  if not isinstance(files, dict) or not files:
+    bad("'files' must be a non-empty object {relative path: sha256}")
+  for rel, digest in files.items():
+    if not _inside(path, rel):
+      bad(f"file {rel!r} is not a relative path inside the export directory")
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+      bad(f"file {rel!r} has no sha256 (got {digest!r})")
+  if not isinstance(manifest.get("step"), int) or manifest["step"] < 0:
+    bad(f"'step' must be a non-negative integer (got {manifest.get('step')!r})")
+  tok = manifest.get("tokenizer")
+  if tok is not None and (not _inside(path, tok) or tok not in files):
+    bad(f"'tokenizer' {tok!r} must be one of the listed files inside the export directory")
+  needed = ["config.json", SAFETENSORS]
+  missing = [n for n in needed if n not in files]
+  if not any(rel.startswith("params/") for rel in files):
+    missing.append("params/...")
+  if missing:
+    bad(f"it does not list {missing}")
+  root = storage.path(path)
+  if (root / "params").is_dir():
+    on_disk = {(d / f).relative_to(root).as_posix()
+               for d, _, fs in (root / "params").walk() for f in fs}
+    unlisted = sorted(on_disk - set(files))
+    if unlisted:
+      bad(f"files of params/ are not listed: {unlisted[:5]}")
 
 
 def load_exported(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,

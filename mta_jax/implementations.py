@@ -12,7 +12,7 @@ import functools
 
 import jax
 
-from mta_jax import ops, ops_chunked
+from mta_jax import ops, ops_chunked, ops_pallas
 
 Array = jax.Array
 
@@ -20,6 +20,7 @@ IMPLEMENTATIONS = {
     "xla": ops.mta_xla,                                       # the reference
     "chunked": ops_chunked.make_chunked(),                    # exact, O(block x T) memory
     "chunked_convxla": ops_chunked.make_chunked(conv="xla"),  # same, conv_general_dilated
+    "pallas": ops_pallas.make_pallas(),  # fused Pallas forward (TPU; interpreted elsewhere)
 }
 
 

@@ -138,10 +138,16 @@ def main(argv):
   if _MODE.value not in MODES:
     raise app.UsageError(f"--mode={_MODE.value!r}; choose one of {sorted(MODES)}.")
   cfg = _CONFIG.value
-  paths.resolve_config_paths(cfg)
+  try:
+    paths.resolve_config_paths(cfg)
+  except OSError as e:  # config_flags defers a missing file's error to the first field read
+    _bad_config_file(e)
   if _MODE.value != "count_params":
     _maybe_initialize_distributed()
+  from mta_jax import checkpoint, export, faults, lease
   from mta_jax.config import ConfigError
+  faults.install_thread_hook()
+  workdir = None
   try:
     workdir = _workdir(cfg)
     if _MODE.value != "count_params":
@@ -149,19 +155,33 @@ def main(argv):
       storage.check_dir(workdir, "--workdir")  # a file, or a bucket out of reach: say so now
     MODES[_MODE.value](cfg, workdir)
   except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except _export_error() as e:  # a missing / incomplete export, or a bad export directory
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except FloatingPointError as e:  # train_lib.NonFiniteLossError: NaN / inf loss
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
+    _exit(f"config error: {e}", 2)
+  except lease.WorkdirBusyError as e:  # another run holds the workdir
+    _exit(f"error: {e}", 2)
+  except export.ExportError as e:  # a missing / incomplete / corrupt export, a bad export dir
+    _exit(f"error: {e}", 2)
+  except FloatingPointError as e:  # train_lib.NonFiniteLossError: NaN / inf loss or params
+    _exit(f"error: {e}", 3)
+  except lease.LeaseLostError as e:
+    _exit(f"error: {e}", 1)
+  except checkpoint.CheckpointError as e:  # unreadable / corrupt checkpoint files
+    _exit(f"error: {e}", 1)
+  except KeyboardInterrupt:
+    _exit("error: interrupted (Ctrl-C) without saving the current step; the latest complete "
+          f"checkpoint is step {faults.latest_checkpoint_step(workdir)}.", 130)
+  except Exception as e:  # noqa: BLE001 - storage faults become one line, the rest re-raise
+    line = faults.describe(e, workdir or "")
+    if line is None:
+      raise
+    _exit(f"error: {line}", 1)
 
 
-def _export_error():
-  from mta_jax.export import ExportError
-  return ExportError
+def _exit(message: str, status: int):
+  """Print the one-line error and leave without running atexit hooks of libraries that would
+  retry the failed writes (each with its own traceback); our files are closed already."""
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)
 
 
 def _parse_flags(argv):
@@ -176,6 +196,20 @@ def _parse_flags(argv):
     sys.exit(2)
   except (KeyError, AttributeError, TypeError, ValueError) as e:
     _bad_override(e)
+  except Exception as e:  # noqa: BLE001 - the config file itself failed (syntax, its code)
+    _bad_config_file(e)
+
+
+def _bad_config_file(e: BaseException):
+  """A --config file that is missing or fails to load: one line naming the file and why."""
+  if isinstance(e, SyntaxError):
+    why = f"{e.msg} (line {e.lineno} of {e.filename})"
+  else:
+    text = [l.strip() for l in str(e).splitlines() if l.strip()]
+    why = text[-1] if text else ""
+  print(f"config error: cannot load the --config file: {type(e).__name__}: {why}",
+        file=sys.stderr)
+  sys.exit(2)
 
 
 def run():

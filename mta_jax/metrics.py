@@ -4,12 +4,15 @@ Only process 0 writes files. Every record is `{"step": int, "split": "train"|"ev
 JSON object per line in `<workdir>/metrics.jsonl`; the same scalars go to TensorBoard event files
 in `<workdir>/tensorboard` (`tensorboard --logdir <workdir>`), tagged `<split>/<name>`, and, when
 `wandb_project` is set, to a Weights & Biases run (same tags; its id is kept in
-`<workdir>/wandb_run_id` so a resumed run continues the same W&B run).
+`<workdir>/wandb_run_id` so a resumed run continues the same W&B run). A resumed run keeps each
+step once in metrics.jsonl and TensorBoard (see `MetricsWriter.open`). The workdir may be local or
+a bucket (`mta_jax.storage`).
 """
 
 import json
 import math
 import os
+import sys
 import time
 import uuid
 
@@ -27,8 +30,61 @@ def _fmt_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class _TensorBoard:
+  """Scalars into one TensorBoard run, written synchronously on the caller's thread.
+
+  tensorboardX's SummaryWriter writes from a background thread: when the disk fills up, that
+  thread dies with a traceback and later writes block or flood the output. Writing the records
+  here (tensorboardX's own event-file writer and summary protos, no thread) makes a failure an
+  ordinary exception that the caller turns into one warning. A resumed run passes
+  `purge_step`: TensorBoard then drops the steps >= purge_step of the earlier event files, so a
+  resumed run reads as one run without replayed steps.
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    os.makedirs(logdir, exist_ok=True)
+    self._writer = EventsWriter(os.path.join(logdir, "events"))
+    if purge_step is not None:
+      self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
+                                     session_log=SessionLog(status=SessionLog.START)))
+    self._writer.flush()
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import scalar
+    for tag, v in scalars.items():
+      self._writer.write_event(Event(wall_time=time.time(), step=int(step),
+                                     summary=scalar(tag, v)))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def read_records(path) -> list[dict]:
+  """The records of a metrics.jsonl, local or remote (a torn last line, e.g. from a kill, is
+  skipped)."""
+  target = storage.path(path)
+  if not target.exists():
+    return []
+  out = []
+  for line in target.read_text().splitlines():
+    try:
+      out.append(json.loads(line))
+    except ValueError:
+      continue
+  return out
+
+
 class MetricsWriter:
-  """Progress lines, JSONL, TensorBoard and the loss curve for one run."""
+  """Progress lines, JSONL, TensorBoard and the loss curve for one run.
+
+  Nothing is written until `open(start_step)`: a resumed run first keeps the records up to the
+  step it resumed from (the later ones are replayed), so metrics.jsonl holds every step once,
+  TensorBoard continues one run and the loss curve covers the whole run.
+  """
 
   def __init__(self, workdir: str, total_steps: int, *, enabled: bool | None = None,
                wandb_project: str = "", wandb_run: str = "", wandb_entity: str = "",
@@ -38,37 +94,63 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.history: list[dict] = []
     self._tb = None
+    self._tb_dir = None
     self._tb_synced = 0.0
     self._jsonl = None
     self._wandb = None
-    if self.enabled and wandb_project:
-      self._wandb = _wandb_run(workdir, wandb_project, wandb_run, wandb_entity, config)
-    if self.enabled:
-      storage.ensure_dir(workdir, "--workdir")
-      self._jsonl = storage.AppendFile(storage.path(workdir) / "metrics.jsonl")
-      try:
-        from tensorboardX import SummaryWriter
-        # tensorboardX writes local files; a remote workdir gets copies (storage.LocalMirror).
-        self._tb_dir = storage.LocalMirror(storage.path(workdir) / "tensorboard")
-        self._tb = SummaryWriter(self._tb_dir.local)
-      except ImportError:  # TensorBoard files are a convenience, not a requirement
-        self._tb = None
+    self._wandb_args = (wandb_project, wandb_run, wandb_entity, config)
+    if self.enabled:  # a file, or a bucket out of reach, is said now (nothing is written yet)
+      storage.check_dir(workdir, "--workdir")
+
+  def open(self, start_step: int = 0) -> None:
+    """Start writing at `start_step` (0: a fresh run); drops earlier records of later steps."""
+    if not self.enabled:
+      return
+    storage.ensure_dir(self.workdir, "--workdir")
+    path = storage.path(self.workdir) / "metrics.jsonl"
+    records = read_records(path)
+    self.history = [r for r in records if int(r.get("step", 0)) <= start_step]
+    if path.exists():
+      dropped = len(records) - len(self.history)
+      _rewrite(path, "".join(json.dumps(r) + "\n" for r in self.history))
+      if dropped:
+        self.log(f"metrics.jsonl: dropped {dropped} record(s) after step {start_step} "
+                 "(they are replayed from the checkpoint)")
+    self._jsonl = storage.AppendFile(path)
+    project, run, entity, config = self._wandb_args
+    if project:
+      self._wandb = _wandb_run(self.workdir, project, run, entity, config)
+    try:
+      # Event files are written locally; a remote workdir gets copies (storage.LocalMirror).
+      self._tb_dir = storage.LocalMirror(storage.path(self.workdir) / "tensorboard")
+      self._tb = _TensorBoard(self._tb_dir.local,
+                              purge_step=start_step + 1 if start_step else None)
+    except ImportError:  # TensorBoard files are a convenience, not a requirement
+      self._tb = None
+    except OSError as e:
+      self._tb_failed(e)
+
+  def _tb_failed(self, e: Exception) -> None:
+    self._tb = None
+    print(f"warning: TensorBoard logging stopped: {type(e).__name__}: {e}", file=sys.stderr,
+          flush=True)
 
   def write(self, step: int, split: str, scalars: dict) -> None:
     record = {"step": int(step), "split": split, "time": time.time()}
     record.update({k: (float(v) if v is not None else None) for k, v in scalars.items()})
     self.history.append(record)
-    if not self.enabled:
+    if not self.enabled or self._jsonl is None:
       return
     self._jsonl.write(json.dumps(record) + "\n")
     if self._tb is not None:
-      for k, v in scalars.items():
-        if v is not None and math.isfinite(float(v)):
-          self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
-      self._tb.flush()
-      if time.time() - self._tb_synced > 30:
-        self._tb_dir.sync()
-        self._tb_synced = time.time()
+      try:
+        self._tb.write(step, {f"{split}/{k}": float(v) for k, v in scalars.items()
+                              if v is not None and math.isfinite(float(v))})
+        if time.time() - self._tb_synced > 30:
+          self._tb_dir.sync()
+          self._tb_synced = time.time()
+      except OSError as e:  # e.g. disk full: metrics.jsonl (above) reports it first
+        self._tb_failed(e)
     if self._wandb is not None:
       self._wandb.log({f"{split}/{k}": float(v) for k, v in scalars.items()
                        if v is not None and math.isfinite(float(v))}, step=int(step))
@@ -136,16 +218,29 @@ class MetricsWriter:
     return path
 
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._jsonl = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb_dir.close()
-      self._tb = None
+    """Close the files; errors while closing (e.g. a full disk) are not raised again."""
+    jsonl, tb, self._jsonl, self._tb = self._jsonl, self._tb, None, None
+    for f in (jsonl, tb, self._tb_dir if tb is not None else None):
+      if f is not None:
+        try:
+          f.close()
+        except OSError:
+          pass
     if self._wandb is not None:
       self._wandb.finish()
       self._wandb = None
+
+
+def _rewrite(path, text: str) -> None:
+  """Replace a file's contents so that a kill leaves the old or the new file, never half of one:
+  locally through a renamed temporary file; an object store replaces objects whole anyway."""
+  if storage.is_remote(path):
+    path.write_text(text)
+    return
+  tmp = os.fspath(path) + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, os.fspath(path))
 
 
 def _wandb_run(workdir: str, project: str, name: str, entity: str, config: dict | None):
@@ -197,8 +292,7 @@ def compare(workdirs: list[str], out: str, labels: list[str] | None = None) -> s
   labels = labels or [os.path.basename(os.path.normpath(w)) for w in workdirs]
   fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
   for i, (w, label) in enumerate(zip(workdirs, labels)):
-    text = (storage.path(w) / "metrics.jsonl").read_text()
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = read_records(storage.path(w) / "metrics.jsonl")
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval" and r.get("seq_error") is not None]
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color=f"C{i}",

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -316,137 +317,251 @@ def setup(cfg: TrainConfig) -> Mesh:
   return sharding.make_mesh(**dataclasses.asdict(cfg.mesh))
 
 
-def _check_finite(step: int, loss: float, cfg: TrainConfig) -> None:
-  if not math.isfinite(loss):
+def _check_finite(step: int, m: dict, cfg: TrainConfig) -> None:
+  """NonFiniteLossError unless the step's loss and gradient norm are finite (a NaN gradient
+  makes the new parameters NaN, so nothing after this step may be saved)."""
+  bad = [k for k in ("loss", "grad_norm") if k in m and not math.isfinite(float(m[k]))]
+  if bad:
     raise NonFiniteLossError(
-        f"training loss is {loss} at step {step}; halting. Try a lower optim.lr "
-        f"(now {cfg.optim.lr}), a longer optim.warmup_steps, optim.clip_norm > 0, "
-        "model.dtype=float32, or optim.z_loss=1e-4.")
+        f"training {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
+        f"{', '.join(str(float(m[k])) for k in bad)} at step {step}; halting without saving "
+        f"this step. Try a lower optim.lr (now {cfg.optim.lr}), a longer optim.warmup_steps, "
+        "optim.clip_norm > 0, model.dtype=float32, or optim.z_loss=1e-4.")
 
 
-def _start_state(cfg: TrainConfig, restored, shardings: TrainState, writer,
-                 workdir: str) -> tuple[TrainState, int, dict]:
-  """(state, start step, checkpoint meta): the restored checkpoint, else a fresh state (warm
-  started / retrofitted from checkpoint.init_from when set)."""
-  if restored is not None:
-    state, start, meta = restored
-    writer.log(f"resumed from step {start} in {workdir}")
-    return state, start, dict(meta or {})
-  state = create_state(cfg, shardings)
-  if cfg.checkpoint.init_from:  # warm start / MTA retrofit (paper App. I)
-    state = state.replace(params=retrofit.retrofit(cfg.checkpoint.init_from, cfg, state.params,
-                                                   shardings.params))
-    writer.log(f"initialised parameters from {cfg.checkpoint.init_from}")
-  return state, 0, {}
+@jax.jit
+def _all_finite(params) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _final_log(cfg: TrainConfig, defs: GraphDefs, state: TrainState, workdir: str, writer,
-               final_eval: dict) -> None:
+def _check_params_finite(step: int, state: TrainState, cfg: TrainConfig) -> None:
+  """Called before every save: a checkpoint never holds NaN / inf parameters."""
+  if not bool(_all_finite(state.params)):
+    raise NonFiniteLossError(
+        f"the parameters hold NaN or inf after step {step}; halting without saving them (the "
+        f"previous checkpoint is kept). Try a lower optim.lr (now {cfg.optim.lr}) or "
+        "optim.clip_norm > 0.")
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the training loop carries between its parts."""
+  cfg: TrainConfig
+  workdir: str
+  mesh: Mesh
+  writer: metrics_lib.MetricsWriter
+  ckpt: checkpoint.Checkpointer
+  lease: Any
+  data_iter: Any
+  defs: GraphDefs = None
+  state: TrainState = None
+  start: int = 0
+  fresh: bool = True
+  meta: dict = dataclasses.field(default_factory=dict)
+  final_eval: dict = dataclasses.field(default_factory=dict)
+  final_eval_step: int = -1
+  step: int = 0
+
+
+def _restore_or_init(run: _Run, abstract: TrainState, shardings: TrainState) -> None:
+  cfg = run.cfg
+  restored = run.ckpt.restore_latest(_with_shardings(abstract, shardings), shardings,
+                                     run.data_iter)
+  if restored is None:
+    run.state = create_state(cfg, shardings)
+    run.start, run.fresh = 0, True
+    if cfg.checkpoint.init_from:  # warm start / MTA retrofit (paper App. I)
+      run.state = run.state.replace(params=retrofit.retrofit(
+          cfg.checkpoint.init_from, cfg, run.state.params, shardings.params))
+  else:
+    run.state, run.start, meta = restored
+    run.meta, run.fresh = dict(meta or {}), False
+  run.step = run.start
+
+
+def _log_start(run: _Run) -> None:
+  w, cfg = run.writer, run.cfg
+  w.log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, processes: "
+        f"{jax.process_count()}, mesh: {dict(run.mesh.shape)}")
+  from mta_jax.model import count_params
+  w.log(f"model: {count_params(cfg.model):,} parameters")
+  if not run.fresh:
+    w.log(f"resumed from step {run.start} in {run.workdir}")
+  elif cfg.checkpoint.init_from:
+    w.log(f"initialised parameters from {cfg.checkpoint.init_from}")
+
+
+def _save(run: _Run, force: bool) -> bool:
+  """A periodic (force=False) or final save, after checking the parameters are finite."""
+  if not force and not run.ckpt.wants_save(run.step):
+    return False
+  _check_params_finite(run.step, run.state, run.cfg)
+  return run.ckpt.save(run.step, run.state, run.data_iter, run.meta, force=True)
+
+
+def _train_loop(run: _Run, compiled, batch, eval_step, profiler: profiling.StepProfiler) -> None:
+  cfg, writer = run.cfg, run.writer
+  accum = cfg.optim.grad_accum
+  batch_sh = batch_shardings(run.mesh, accum=True)
+  n_dev = jax.device_count()
+  step_flops = flops_lib.train_flops_per_step(cfg)
+  peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.peak_tflops)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accum
+  tokens_seen = int(run.meta.get("tokens_seen", run.start * tokens_per_step))
+  window: dict[str, float] = {}
+  window_steps, window_t0, run_t0, run_steps = 0, time.time(), time.time(), 0
+  while run.step < cfg.steps:
+    if run.lease is not None:
+      run.lease.check()
+    run.ckpt.check_for_errors()  # a failed background save stops the run now
+    profiler.before(run.step + 1)
+    run.state, m = compiled(run.state, batch)
+    m = jax.device_get(m)  # waits for this step: the loss is checked before anything else
+    run.step += 1
+    step = run.step
+    profiler.after(step, run.state)
+    run_steps += 1
+    window_steps += 1
+    tokens_seen += tokens_per_step
+    _check_finite(step, m, cfg)
+    for k, v in m.items():
+      window[k] = window.get(k, 0.0) + float(v)
+    if step % cfg.log_every == 0 or step == cfg.steps:
+      dt = time.time() - window_t0
+      scalars = {k: v / window_steps for k, v in window.items() if k != "loss_tokens"}
+      scalars["lr"] = float(m["lr"])
+      scalars["tokens_per_s"] = tokens_per_step * window_steps / dt
+      scalars["steps_per_s"] = window_steps / dt
+      scalars["mfu"] = (step_flops * window_steps / dt / (n_dev * peak)) if peak else None
+      scalars["tokens_seen"] = tokens_seen
+      writer.write(step, "train", scalars)
+      writer.progress(step, scalars, time.time() - run_t0, run_steps)
+      window, window_steps, window_t0 = {}, 0, time.time()
+    if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+      t_eval = time.time()
+      _evaluate_now(run, eval_step)
+      window_t0 += time.time() - t_eval  # tokens/s counts training time only
+    run.meta = {"tokens_seen": tokens_seen}
+    if step < cfg.steps:
+      _save(run, force=False)
+      if run.ckpt.should_stop(step):
+        writer.log(f"stop requested: saving step {step} and exiting")
+        _save(run, force=True)
+        return
+      batch = next_train_batch(run.data_iter, accum, batch_sh)
+  if run.step > run.start or run.fresh:
+    _save(run, force=True)
+  else:  # the workdir already holds the finished run
+    writer.log(f"{run.workdir} already holds step {run.start} >= steps={cfg.steps}; "
+               "evaluating only")
+    _evaluate_now(run, eval_step)
+
+
+def _evaluate_now(run: _Run, eval_step) -> None:
+  result = evaluate(run.cfg, eval_step, run.state.params, run.mesh)
+  if result:
+    run.final_eval, run.final_eval_step = result, run.step
+    if run.step > run.start:
+      run.writer.write(run.step, "eval", result)
+    run.writer.log(f"eval @ step {run.step}: {eval_summary(run.cfg, result)}")
+
+
+def _report_end(run: _Run) -> None:
+  cfg, writer, r = run.cfg, run.writer, run.final_eval
   png = writer.plot()
   if png:
     writer.log(f"loss curve: {png}")
-  for png in save_pictures(cfg, defs, state, workdir):
+  for png in save_pictures(cfg, run.defs, run.state, run.workdir):
     writer.log(f"picture: {png}")
-  if final_eval and cfg.data.source == "toy":
-    writer.log(f"final sequence error rate: {100 * final_eval['seq_error']:.2f}% "
-               f"(loss {final_eval['loss']:.4f}, {int(final_eval['seqs'])} held-out sequences)")
-  elif final_eval:
-    writer.log(f"final eval: {eval_summary(cfg, final_eval)}")
+  if not r:
+    return
+  if run.final_eval_step != run.step:  # stopped early: the last eval is of an earlier step
+    writer.log(f"last eval was at step {run.final_eval_step} (the run stopped at step "
+               f"{run.step}): {eval_summary(cfg, r)}")
+  elif cfg.data.source == "toy":
+    writer.log(f"final sequence error rate: {100 * r['seq_error']:.2f}% "
+               f"(loss {r['loss']:.4f}, {int(r['seqs'])} held-out sequences, step {run.step})")
+  else:
+    writer.log(f"final eval (step {run.step}): {eval_summary(cfg, r)}")
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
   """Trains `cfg.steps` optimizer steps (resuming from `workdir` if it holds a checkpoint),
-  evaluates every `eval_every` steps and at the end. Returns the final eval metrics."""
+  evaluates every `eval_every` steps and at the end. Returns the final eval metrics.
+
+  The workdir's lease (`mta_jax.lease`) is taken before anything is written: a second run on
+  the same workdir raises `lease.WorkdirBusyError`. Any error ends the run quietly: in-flight
+  saves are waited for, files closed, the lease released, and the error re-raised once.
+  """
+  from mta_jax import lease as lease_lib
   mesh = setup(cfg)
+  lease = lease_lib.acquire_for_run(workdir, command=" ".join(sys.argv)[:300])
   writer = metrics_lib.MetricsWriter(workdir, cfg.steps, wandb_project=cfg.wandb_project,
                                      wandb_run=cfg.wandb_run, wandb_entity=cfg.wandb_entity,
                                      config=config_lib.to_dict(cfg))
-  n_dev = jax.device_count()
-  writer.log(f"devices: {n_dev} x {jax.devices()[0].device_kind}, processes: "
-             f"{jax.process_count()}, mesh: {dict(mesh.shape)}")
-  from mta_jax.model import count_params
-  writer.log(f"model: {count_params(cfg.model):,} parameters")
+  ckpt = None
+  try:
+    data_iter = data_lib.make_train_iterator(cfg)
+    ckpt = checkpoint.Checkpointer(workdir, cfg)
+    run = _Run(cfg, workdir, mesh, writer, ckpt, lease, data_iter)
+    _run_training(run)
+    ckpt.close()
+    _report_end(run)
+    return run.final_eval
+  except BaseException:
+    _quiet_close(ckpt)
+    raise
+  finally:
+    writer.close()
+    if lease is not None:
+      lease.release()
 
-  defs, abstract = _abstract(cfg)
-  shardings = train_state_shardings(abstract, mesh)
-  data_iter = data_lib.make_train_iterator(cfg)
-  ckpt = checkpoint.Checkpointer(workdir, cfg)
-  with jax.set_mesh(mesh):
-    restored = ckpt.restore_latest(_with_shardings(abstract, shardings), shardings, data_iter)
-    state, start, meta = _start_state(cfg, restored, shardings, writer, workdir)
-    # Written only now: a resume refused as incompatible must not overwrite the run's config.
-    write_config(cfg, workdir)
-    train_step = jit_train_step(cfg, defs, shardings, mesh)
-    eval_step = jit_eval_step(cfg, defs, shardings, mesh)
-    batch_sh = batch_shardings(mesh, accum=True)
-    accum = cfg.optim.grad_accum
 
+def _quiet_close(ckpt) -> None:
+  """Close the checkpointer after an error without a second traceback (Orbax re-raises the
+  failure of a background save here, and logs it: the caller reports the first error)."""
+  if ckpt is None:
+    return
+  import logging
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.CRITICAL)
+  try:
+    ckpt.close()
+  except BaseException:  # noqa: BLE001 - the original error is the one to report
+    pass
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _run_training(run: _Run) -> None:
+  cfg = run.cfg
+  run.defs, abstract = _abstract(cfg)
+  shardings = train_state_shardings(abstract, run.mesh)
+  with jax.set_mesh(run.mesh):
+    _restore_or_init(run, abstract, shardings)
+    # Written only now: a resume refused as incompatible must not overwrite the run's files.
+    run.writer.open(run.start)
+    _log_start(run)
+    write_config(cfg, run.workdir)
+    train_step = jit_train_step(cfg, run.defs, shardings, run.mesh)
+    eval_step = jit_eval_step(cfg, run.defs, shardings, run.mesh)
     t0 = time.time()
-    batch = next_train_batch(data_iter, accum, batch_sh)
-    compiled = train_step.lower(state, batch).compile()
-    writer.log(f"train step compiled in {time.time() - t0:.1f}s")
+    batch = next_train_batch(run.data_iter, cfg.optim.grad_accum,
+                             batch_shardings(run.mesh, accum=True))
+    compiled = train_step.lower(run.state, batch).compile()
+    run.writer.log(f"train step compiled in {time.time() - t0:.1f}s")
     mem = metrics_lib.memory_summary(compiled)
     if mem:
-      writer.log(mem)
-
-    step_flops = flops_lib.train_flops_per_step(cfg)
-    peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.peak_tflops)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accum
-    tokens_seen = int(meta.get("tokens_seen", start * tokens_per_step))
-    window: dict[str, float] = {}
-    window_steps, window_t0, run_t0, run_steps = 0, time.time(), time.time(), 0
-    final_eval: dict = {}
-    step = start
-    profiler = profiling.StepProfiler(cfg.profile_steps, cfg.steps, workdir, start, writer.log)
-    while step < cfg.steps:
-      profiler.before(step + 1)
-      state, m = compiled(state, batch)
-      m = jax.device_get(m)  # waits for this step: the loss is checked before anything else
-      step += 1
-      profiler.after(step, state)
-      run_steps += 1
-      window_steps += 1
-      tokens_seen += tokens_per_step
-      _check_finite(step, float(m["loss"]), cfg)
-      for k, v in m.items():
-        window[k] = window.get(k, 0.0) + float(v)
-      if step % cfg.log_every == 0 or step == cfg.steps:
-        dt = time.time() - window_t0
-        scalars = {k: v / window_steps for k, v in window.items() if k != "loss_tokens"}
-        scalars["lr"] = float(m["lr"])
-        scalars["tokens_per_s"] = tokens_per_step * window_steps / dt
-        scalars["steps_per_s"] = window_steps / dt
-        scalars["mfu"] = (step_flops * window_steps / dt / (n_dev * peak)) if peak else None
-        scalars["tokens_seen"] = tokens_seen
-        writer.write(step, "train", scalars)
-        writer.progress(step, scalars, time.time() - run_t0, run_steps)
-        window, window_steps, window_t0 = {}, 0, time.time()
-      if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-        t_eval = time.time()
-        final_eval = evaluate(cfg, eval_step, state.params, mesh)
-        window_t0 += time.time() - t_eval  # tokens/s counts training time only
-        if final_eval:
-          writer.write(step, "eval", final_eval)
-          writer.log(f"eval @ step {step}: {eval_summary(cfg, final_eval)}")
-      meta = {"tokens_seen": tokens_seen}
-      if step < cfg.steps:
-        ckpt.maybe_save(step, state, data_iter, meta)
-        if ckpt.should_stop(step):
-          writer.log(f"stop requested: saving step {step} and exiting")
-          ckpt.save(step, state, data_iter, meta, force=True)
-          break
-        batch = next_train_batch(data_iter, accum, batch_sh)
-    else:
-      if step > start or restored is None:
-        ckpt.save(step, state, data_iter, meta, force=True)
-      else:  # the workdir already holds the finished run
-        writer.log(f"{workdir} already holds step {start} >= steps={cfg.steps}; evaluating only")
-        final_eval = evaluate(cfg, eval_step, state.params, mesh)
-    profiler.stop()
-    ckpt.close()
-  _final_log(cfg, defs, state, workdir, writer, final_eval)
-  writer.close()
-  return final_eval
+      run.writer.log(mem)
+    profiler = profiling.StepProfiler(cfg.profile_steps, cfg.steps, run.workdir, run.start,
+                                      run.writer.log)
+    try:
+      _train_loop(run, compiled, batch, eval_step, profiler)
+    finally:
+      profiler.stop()
 
 
 def save_pictures(cfg: TrainConfig, defs: GraphDefs, state: TrainState, workdir: str,
@@ -487,7 +602,8 @@ def evaluate_main(cfg: TrainConfig, workdir: str) -> dict:
     restored = ckpt.restore_latest(_with_shardings(abstract, shardings), shardings, None)
     if restored is None:
       ckpt.close()
-      raise FileNotFoundError(f"no checkpoint in {workdir}; train first (--mode=train).")
+      raise checkpoint.CheckpointError(
+          f"no checkpoint in {workdir}; train first (--mode=train).")
     state, step, _ = restored
     result = evaluate(cfg, jit_eval_step(cfg, defs, shardings, mesh), state.params, mesh)
   ckpt.close()

@@ -7,6 +7,7 @@ subprocesses: see tests/test_checkpoint_train.py.
 import logging
 import os
 import signal
+import time
 
 import grain
 import jax
@@ -298,8 +299,25 @@ def test_sigterm_requests_a_save_at_the_next_step_boundary(tmp_path):
     assert ck.should_stop(5)
   finally:
     ck.close()
-  assert signal.getsignal(signal.SIGTERM) is not ck._on_sigterm
+  assert signal.getsignal(signal.SIGTERM) is not ck._on_signal
   assert sorted(p for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == ["4"]
+
+
+def test_ctrl_c_saves_like_sigterm_and_a_second_one_aborts(tmp_path, capsys):
+  cfg = cu.with_checkpoint(cu.tiny_config(), every_steps=100)
+  before = signal.getsignal(signal.SIGINT)
+  ck = checkpoint.Checkpointer(tmp_path, cfg)
+  try:
+    assert not ck.should_stop(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert ck.should_stop(2)
+    assert "Ctrl-C again to abort" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)  # the handler runs at the next bytecode boundary
+  finally:
+    ck.close()
+  assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_train_state_as_dataclass(tmp_path):

@@ -173,6 +173,8 @@ def test_remat_bf16_and_dropout():
     (dict(attention=dataclasses.replace(FULL_MTA, kq_layers=(5,))), "kq_layers"),
     (dict(attention=dataclasses.replace(FULL_MTA, norm_scaling="soft")), "norm_scaling"),
     (dict(attention=dataclasses.replace(FULL_MTA, implementation="cuda")), "implementation"),
+    (dict(attention=dataclasses.replace(FULL_MTA, implementation="pallas", dropout=0.1)),
+     "model.attention.dropout"),
     (dict(d_model=30), "model.d_model"),
     (dict(dtype="float16"), "model.dtype"),
 ])

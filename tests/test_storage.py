@@ -57,6 +57,7 @@ def _files(fs, prefix):
 def test_metrics_pictures_and_config_go_to_the_bucket(gcs):
   run = "gs://bucket/runs/a"
   w = metrics.MetricsWriter(run, 10, enabled=True)
+  w.open(0)
   for step in (1, 2, 3):
     w.write(step, "train", {"loss": 3.0 / step, "mfu": None})
   w.write(3, "eval", {"loss": 1.5, "seq_error": 0.25})
@@ -73,6 +74,7 @@ def test_metrics_pictures_and_config_go_to_the_bucket(gcs):
   assert json.loads(gcs.cat(f"{run}/config.json"))["steps"] == 3
   # A resumed run appends (object stores cannot: the writer rewrites the object).
   w = metrics.MetricsWriter(run, 10, enabled=True)
+  w.open(3)
   w.write(4, "train", {"loss": 0.5})
   w.close()
   lines = gcs.cat(f"{run}/metrics.jsonl").decode().splitlines()

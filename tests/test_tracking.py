@@ -109,14 +109,18 @@ def test_run_with_wandb_and_a_profile(tmp_path, wandb_offline):
 def test_wandb_run_resumes_under_the_same_id(tmp_path, wandb_offline):
   logged, inits = wandb_offline
   w = metrics.MetricsWriter(str(tmp_path), 10, enabled=True, wandb_project="p")
+  w.open(0)
   w.write(1, "train", {"loss": 2.0, "mfu": None})
   w.close()
   w = metrics.MetricsWriter(str(tmp_path), 10, enabled=True, wandb_project="p")
+  w.open(1)
   w.write(2, "train", {"loss": 1.5, "x": float("nan")})
   w.close()
   assert inits[0]["id"] == inits[1]["id"] and inits[1]["resume"] == "allow"
   assert inits[0]["name"] == tmp_path.name  # default run name: the workdir's
   assert logged == [(1, {"train/loss": 2.0}), (2, {"train/loss": 1.5})]
   # Without a project, nothing touches W&B.
-  metrics.MetricsWriter(str(tmp_path / "b"), 10, enabled=True).close()
+  w = metrics.MetricsWriter(str(tmp_path / "b"), 10, enabled=True)
+  w.open(0)
+  w.close()
   assert len(inits) == 2

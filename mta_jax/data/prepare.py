@@ -14,9 +14,14 @@ Inputs: .txt files give one document per non-empty line (`--txt_doc=line`) or on
 (`--txt_doc=file`); .jsonl files give one document per line, the string in field `--text_key`;
 either may be compressed (.gz, .zst: SlimPajama's `*.jsonl.zst` chunks). A directory saved by
 Hugging Face `datasets` (`save_to_disk`) gives one document per row (`--hf_split` of a
-DatasetDict). Whitespace-only documents are skipped. Documents go to the validation split by a
-seeded random choice of `--validation_fraction` of them (at least one when the fraction is > 0),
-the rest to train; both splits keep the input order (the training pipeline shuffles).
+DatasetDict). Whitespace-only documents are skipped. A document longer than `--max_doc_chars`
+characters (default 16,384) becomes consecutive pieces of at most that length, cut at line (else
+word) boundaries: the training shuffle then mixes pieces of a long document with the rest of the
+corpus instead of filling many consecutive batches with it, and no record is larger than the
+limit, so reading and tokenizing stay bounded however long the input lines are (the command
+says how many documents it split). Documents go to the validation split by a seeded random
+choice of `--validation_fraction` of them (at least one when the fraction is > 0), the rest to
+train; both splits keep the input order (the training pipeline shuffles).
 
 Scale: inputs are streamed (never held in memory as a whole). `--workers=N` reads and parses
 files (and ranges of rows of a `datasets` directory) in N processes, in order, with at most 2N
@@ -38,7 +43,7 @@ import sys
 import tempfile
 import threading
 import types
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -106,7 +111,83 @@ def _open_text(path: str):
   return open(path, encoding="utf-8", errors="strict")
 
 
-def _json_text(path: str, lineno: int, line: str, text_key: str) -> str:
+DEFAULT_MAX_DOC_CHARS = 16_384
+
+
+class SplitStats:
+  """How many documents were longer than the limit and how many pieces they became."""
+
+  def __init__(self):
+    self.split_docs, self.pieces, self.longest = 0, 0, 0
+
+  def summary(self, limit: int) -> str:
+    if not self.split_docs:
+      return ""
+    return (f"split {self.split_docs:,} document(s) longer than {limit:,} characters (the "
+            f"longest {self.longest:,}) into {self.pieces:,} pieces of at most {limit:,} "
+            "(--max_doc_chars); nothing was dropped")
+
+  def add(self, other: "SplitStats") -> None:
+    self.split_docs += other.split_docs
+    self.pieces += other.pieces
+    self.longest = max(self.longest, other.longest)
+
+
+def _cut(text: str, limit: int) -> int:
+  """Where to end a piece of `text` (len > limit): after the last newline, else the last
+  space, in the second half of the first `limit` characters; else at `limit`."""
+  window = text[:limit]
+  for sep in ("\n", " ", "\t"):
+    i = window.rfind(sep, limit // 2)
+    if i >= 0:
+      return i + 1
+  return limit
+
+
+def split_pieces(chunks: Iterable[str], limit: int, stats: Optional[SplitStats] = None
+                 ) -> Iterator[str]:
+  """The text given as consecutive `chunks` as pieces of at most `limit` characters, cut at
+  line (else word) boundaries; whitespace-only pieces are skipped. Holds at most ~2 x limit
+  characters plus one chunk, however long the text (limit 0: one piece, unbounded)."""
+  buf, n_pieces, total = "", 0, 0
+  for chunk in chunks:
+    buf += chunk
+    total += len(chunk)
+    while limit and len(buf) > limit:
+      cut = _cut(buf, limit)
+      piece, buf = buf[:cut].strip("\n"), buf[cut:]
+      if piece.strip():
+        n_pieces += 1
+        yield piece
+  piece = buf.strip("\n")
+  if piece.strip():
+    n_pieces += 1
+    yield piece
+  if stats is not None and n_pieces > 1:
+    stats.split_docs += 1
+    stats.pieces += n_pieces
+    stats.longest = max(stats.longest, total)
+
+
+def _line_chunks(f, first: str, limit: int) -> Iterator[str]:
+  """The rest of the line that starts with `first`, read `limit` characters at a time."""
+  chunk = first
+  while True:
+    yield chunk.rstrip("\n") if chunk.endswith("\n") else chunk
+    if chunk.endswith("\n") or not chunk:
+      return
+    chunk = f.readline(limit or -1)
+
+
+def _file_chunks(f, limit: int) -> Iterator[str]:
+  while True:
+    chunk = f.read(limit or -1)
+    if not chunk:
+      return
+    yield chunk
+
+
+def _jsonl_text(path: str, lineno: int, line: str, text_key: str) -> str:
   try:
     obj = json.loads(line)
   except json.JSONDecodeError as e:
@@ -123,7 +204,11 @@ def _json_text(path: str, lineno: int, line: str, text_key: str) -> str:
   return text
 
 
-def _file_documents(path: str, txt_doc: str, text_key: str) -> Iterator[str]:
+def _file_documents(path: str, txt_doc: str, text_key: str, limit: int,
+                    stats: Optional[SplitStats]) -> Iterator[str]:
+  """Documents (or pieces of them, see `split_pieces`) of one file. Text is read `limit`
+  characters at a time, so a single 50 MB line never sits in memory whole; a .jsonl line is
+  parsed whole (JSON cannot be parsed in pieces)."""
   if os.path.getsize(path) == 0:
     print(f"  warning: {path} is empty; skipped", file=sys.stderr)
     return
@@ -131,16 +216,18 @@ def _file_documents(path: str, txt_doc: str, text_key: str) -> Iterator[str]:
   try:
     with _open_text(path) as f:
       if not is_jsonl and txt_doc == "file":
-        text = f.read()
-        if text.strip():
-          yield text.strip("\n")
+        yield from split_pieces(_file_chunks(f, limit), limit, stats)
         return
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        text = _json_text(path, lineno, line, text_key) if is_jsonl else line.rstrip("\n")
-        if text.strip():
-          yield text
+      lineno = 0
+      while True:
+        line = f.readline(limit or -1) if not is_jsonl else f.readline()
+        if not line:
+          break
+        lineno += 1
+        if not is_jsonl:
+          yield from split_pieces(_line_chunks(f, line, limit), limit, stats)
+        elif line.strip():
+          yield from split_pieces([_jsonl_text(path, lineno, line, text_key)], limit, stats)
   except UnicodeDecodeError as e:
     raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
   except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
@@ -169,13 +256,14 @@ def _hf_dataset(path: str, split: str, text_key: str):
 
 
 def _hf_documents(path: str, split: str, text_key: str, start: int = 0,
-                  stop: Optional[int] = None) -> Iterator[str]:
+                  stop: Optional[int] = None, limit: int = 0,
+                  stats: Optional[SplitStats] = None) -> Iterator[str]:
   ds = _hf_dataset(path, split, text_key)
   stop = len(ds) if stop is None else min(stop, len(ds))
   for i in range(start, stop, 1000):
     for text in ds[i:min(i + 1000, stop)][text_key]:
       if isinstance(text, str) and text.strip():
-        yield text
+        yield from split_pieces([text], limit, stats)
 
 
 def _pieces(files: Sequence[str], hf_split: str, text_key: str) -> list[tuple]:
@@ -190,15 +278,18 @@ def _pieces(files: Sequence[str], hf_split: str, text_key: str) -> list[tuple]:
   return out
 
 
-def _piece_documents(piece: tuple, txt_doc: str, text_key: str, hf_split: str) -> Iterator[str]:
+def _piece_documents(piece: tuple, txt_doc: str, text_key: str, hf_split: str, limit: int,
+                     stats: Optional[SplitStats]) -> Iterator[str]:
   if len(piece) == 1:
-    return _file_documents(piece[0], txt_doc, text_key)
-  return _hf_documents(piece[0], hf_split, text_key, piece[1], piece[2])
+    return _file_documents(piece[0], txt_doc, text_key, limit, stats)
+  return _hf_documents(piece[0], hf_split, text_key, piece[1], piece[2], limit, stats)
 
 
-def _read_piece(args) -> list[str]:
-  """Worker: every document of one piece (module level: picklable)."""
-  return list(_piece_documents(*args))
+def _read_piece(args) -> tuple[list[str], SplitStats]:
+  """Worker: every document (piece) of one unit of work and how many documents it split
+  (module level: picklable)."""
+  stats = SplitStats()
+  return list(_piece_documents(*args, stats)), stats
 
 
 def worker_pool(workers: int):
@@ -212,25 +303,32 @@ def worker_pool(workers: int):
 
 
 def iter_documents(files: Sequence[str], *, txt_doc: str = "line", text_key: str = "text",
-                   hf_split: str = "train", pool=None, workers: int = 0) -> Iterator[str]:
+                   hf_split: str = "train", pool=None, workers: int = 0,
+                   max_doc_chars: int = DEFAULT_MAX_DOC_CHARS,
+                   stats: Optional[SplitStats] = None) -> Iterator[str]:
   """Non-empty documents of `files` (and `datasets` directories), in order; parsed in the
-  `workers` processes of `pool` (see `worker_pool`) when given."""
+  `workers` processes of `pool` (see `worker_pool`) when given. A document longer than
+  `max_doc_chars` comes out as consecutive pieces of at most that length (0: no limit), counted
+  in `stats`."""
   pieces = _pieces(files, hf_split, text_key)
+  limit = max_doc_chars
   if pool is None:
     for piece in pieces:
-      yield from _piece_documents(piece, txt_doc, text_key, hf_split)
+      yield from _piece_documents(piece, txt_doc, text_key, hf_split, limit, stats)
     return
   # Ordered, with at most 2 pieces per worker in flight (Pool.imap would read ahead without
   # bound when the consumer, the dataset writer, is slower than the readers).
   in_flight = 2 * max(1, workers)
   todo = iter(pieces)
-  pending = [pool.apply_async(_read_piece, ((p, txt_doc, text_key, hf_split),))
+  pending = [pool.apply_async(_read_piece, ((p, txt_doc, text_key, hf_split, limit),))
              for _, p in zip(range(in_flight), todo)]
   while pending:
-    docs = pending.pop(0).get()
+    docs, piece_stats = pending.pop(0).get()
     nxt = next(todo, None)
     if nxt is not None:
-      pending.append(pool.apply_async(_read_piece, ((nxt, txt_doc, text_key, hf_split),)))
+      pending.append(pool.apply_async(_read_piece, ((nxt, txt_doc, text_key, hf_split, limit),)))
+    if stats is not None:
+      stats.add(piece_stats)
     yield from docs
 
 
@@ -293,7 +391,8 @@ def _make_builder_class(name: str):
 
 def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "line",
             text_key: str = "text", validation_fraction: float = 0.01, seed: int = 0,
-            overwrite: bool = False, workers: int = 0, hf_split: str = "train") -> str:
+            overwrite: bool = False, workers: int = 0, hf_split: str = "train",
+            max_doc_chars: int = DEFAULT_MAX_DOC_CHARS) -> str:
   """Writes the dataset; returns DATA_DIR/NAME/VERSION. Raises PrepareError on bad input."""
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
     raise PrepareError(f"--name={name!r} must be snake_case (lowercase letters, digits, '_'; "
@@ -304,6 +403,8 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
     raise PrepareError(f"--validation_fraction={validation_fraction} must be in [0, 1).")
   if workers < 0:
     raise PrepareError(f"--workers={workers} must be >= 0 (0 = read in this process).")
+  if max_doc_chars < 0 or 0 < max_doc_chars < 64:
+    raise PrepareError(f"--max_doc_chars={max_doc_chars} must be 0 (no limit) or >= 64.")
   _local_output(output)  # before reading anything
   files = expand_inputs(inputs)
   print(f"reading {len(files)} input(s)" + (f" with {workers} workers" if workers > 1 else ""),
@@ -311,18 +412,21 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
   pool = worker_pool(workers)
   try:
     return _prepare(files, inputs, output, name, txt_doc, text_key, validation_fraction, seed,
-                    overwrite, hf_split, pool, workers)
+                    overwrite, hf_split, pool, workers, max_doc_chars)
   finally:
     if pool is not None:
       pool.terminate()
 
 
 def _prepare(files, inputs, output, name, txt_doc, text_key, validation_fraction, seed,
-             overwrite, hf_split, pool, workers) -> str:
-  documents = lambda: iter_documents(files, txt_doc=txt_doc, text_key=text_key,  # noqa: E731
-                                     hf_split=hf_split, pool=pool,
-                                     workers=workers)
-  n = sum(1 for _ in _progress(documents(), "counting"))
+             overwrite, hf_split, pool, workers, max_doc_chars) -> str:
+  stats = SplitStats()
+  documents = lambda s=None: iter_documents(  # noqa: E731
+      files, txt_doc=txt_doc, text_key=text_key, hf_split=hf_split, pool=pool,
+      workers=workers, max_doc_chars=max_doc_chars, stats=s)
+  n = sum(1 for _ in _progress(documents(stats), "counting"))
+  if stats.split_docs:
+    print(f"  {stats.summary(max_doc_chars)}", flush=True)
   if n == 0:
     raise PrepareError(f"--input {list(inputs)} holds no non-empty documents "
                        f"(files: {files[:5]}{' ...' if len(files) > 5 else ''}).")
@@ -342,8 +446,9 @@ def _prepare(files, inputs, output, name, txt_doc, text_key, validation_fraction
       raise PrepareError(f"{version_dir} already exists; pass --overwrite to replace it or "
                          "choose another --name / --output.")
     shutil.rmtree(version_dir)
-  desc = (f"{n} documents from {len(files)} file(s) (txt_doc={txt_doc}, text_key={text_key}); "
-          f"validation: {n_val} chosen with seed {seed}.")
+  desc = (f"{n} documents from {len(files)} file(s) (txt_doc={txt_doc}, text_key={text_key}, "
+          f"max_doc_chars={max_doc_chars}); validation: {n_val} chosen with seed {seed}."
+          + (f" {stats.summary(max_doc_chars)}." if stats.split_docs else ""))
   builder = builder_cls(documents=documents, validation=validation, n=n, description=desc,
                         data_dir=data_dir, file_format="array_record")
   import tensorflow_datasets as tfds
@@ -388,6 +493,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--validation_fraction", type=float, default=0.01,
                  help="share of documents for the validation split (default 0.01; 0 = none)")
   p.add_argument("--seed", type=int, default=0, help="seed of the validation choice")
+  p.add_argument("--max_doc_chars", type=int, default=DEFAULT_MAX_DOC_CHARS,
+                 help="documents longer than this many characters become consecutive pieces "
+                      "(cut at line, else word, boundaries) that the training shuffle mixes "
+                      f"with the rest; bounds memory too (default {DEFAULT_MAX_DOC_CHARS}; 0 = "
+                      "keep documents whole)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
   p.add_argument("--workers", type=int, default=0,
                  help="processes that read and parse the inputs (0 = this process)")
@@ -402,7 +512,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     path = prepare(args.input, args.output, args.name, txt_doc=args.txt_doc,
                    text_key=args.text_key, validation_fraction=args.validation_fraction,
                    seed=args.seed, overwrite=args.overwrite, workers=args.workers,
-                   hf_split=args.hf_split)
+                   hf_split=args.hf_split, max_doc_chars=args.max_doc_chars)
   except PrepareError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -4,6 +4,12 @@ Train:  source -> shuffle(data.seed) -> repeat -> process slice [p::count] -> to
         (data.mixture: each dataset shuffled (data.seed + k) and repeated, then
         grain's MapDataset.mix by weight, then the process slice)
         -> (first_fit: split / reject long documents) -> pack -> row format
+        -> (data.shuffle_window > 1: shuffle rows in windows of that many rows)
+
+Long documents: `mta_jax.data.prepare` stores a document longer than --max_doc_chars as
+consecutive pieces, which the document shuffle above mixes with the rest of the corpus (and
+which bound what one read holds). For corpora prepared elsewhere, data.shuffle_window mixes the
+rows of a long document with the rows around it.
 Eval:   source (data.eval_split, file order) -> tokenize -> pack -> rows j with j % count == p
 
 Per document, tokens = [BOS] + pieces + [EOS] (data.add_bos / data.add_eos) and the shift to
@@ -141,7 +147,11 @@ def _shuffled(src, d, k: int, repeat: bool) -> grain.MapDataset:
 def train_rows(cfg, pi: int, pc: int, repeat: bool = True) -> grain.IterDataset:
   b = per_process_rows(cfg.data.batch_size, pc, "data.batch_size")
   docs = train_documents(cfg, pi, pc, repeat).to_iter_dataset(read_options(cfg.data))
-  return pack(docs, cfg, b, train=True)
+  rows = pack(docs, cfg, b, train=True)
+  if cfg.data.shuffle_window > 1:  # grain restores the window exactly (refills it on resume)
+    rows = gx.WindowShuffleIterDataset(rows, window_size=cfg.data.shuffle_window,
+                                       seed=cfg.data.seed)
+  return rows
 
 
 class EvalBatches:

@@ -296,8 +296,50 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------
 
 
-def _lines(source, text_key: str, max_docs: int, every: float = 5.0) -> Iterator[str]:
-  """Non-empty lines of the first `max_docs` documents (sentencepiece trains on sentences)."""
+MAX_SENTENCE_BYTES = 1 << 16  # sentencepiece's max_sentence_length: longer lines are dropped
+
+
+class LineStats:
+  """Lines handed to sentencepiece, and the over-long ones cut to fit its limit."""
+
+  def __init__(self):
+    self.lines, self.cut_lines, self.cut_pieces, self.longest = 0, 0, 0, 0
+
+  def summary(self) -> str:
+    if not self.cut_lines:
+      return ""
+    return (f"cut {self.cut_lines:,} line(s) longer than {MAX_SENTENCE_BYTES:,} bytes (the longest "
+            f"{self.longest:,}) into {self.cut_pieces:,} pieces: sentencepiece drops longer "
+            "sentences; nothing was dropped")
+
+
+def _fit(line: str, stats: LineStats) -> Iterator[str]:
+  """`line`, or pieces of it of at most MAX_SENTENCE_BYTES UTF-8 bytes cut at spaces."""
+  size = len(line.encode("utf-8"))
+  if size <= MAX_SENTENCE_BYTES:
+    yield line
+    return
+  stats.cut_lines += 1
+  stats.longest = max(stats.longest, size)
+  limit = MAX_SENTENCE_BYTES // 4  # characters: at most 4 UTF-8 bytes each
+  start = 0
+  while start < len(line):
+    end = min(len(line), start + limit)
+    if end < len(line):
+      space = line.rfind(" ", start + limit // 2, end)
+      end = space + 1 if space >= 0 else end
+    piece = line[start:end].strip()
+    start = end
+    if piece:
+      stats.cut_pieces += 1
+      yield piece
+
+
+def _lines(source, text_key: str, max_docs: int, stats: Optional[LineStats] = None,
+           every: float = 5.0) -> Iterator[str]:
+  """Non-empty lines of the first `max_docs` documents (sentencepiece trains on sentences);
+  lines over sentencepiece's length limit are cut into pieces that fit (counted in `stats`)."""
+  stats = stats if stats is not None else LineStats()
   n = len(source) if max_docs <= 0 else min(len(source), max_docs)
   t0 = last = time.time()
   for i in range(n):
@@ -307,7 +349,9 @@ def _lines(source, text_key: str, max_docs: int, every: float = 5.0) -> Iterator
     for line in text.split("\n"):
       line = line.strip()
       if line:
-        yield line
+        for piece in _fit(line, stats):
+          stats.lines += 1
+          yield piece
     if time.time() - last > every:
       last = time.time()
       print(f"  read {i + 1}/{n} documents ({(i + 1) / (last - t0):.0f}/s)", flush=True)
@@ -319,7 +363,8 @@ def train(source, output_prefix: str, *, vocab_size: int = 8000, model_type: str
           seed_sentencepiece_size: int = 1_000_000, quiet: bool = False) -> str:
   """Trains a sentencepiece model on `source` (random access, rows with `text_key`).
 
-  Returns the path of the .model file. Ids: pad=0, unk=1, bos=2, eos=3. A remote prefix
+  Returns the path of the .model file. Ids: pad=0, unk=1, bos=2, eos=3. Lines longer than
+  sentencepiece accepts are cut into pieces (and the command says how many). A remote prefix
   (gs://...) is trained locally, then copied (sentencepiece writes local files only).
   """
   if len(source) == 0:
@@ -346,15 +391,25 @@ def train(source, output_prefix: str, *, vocab_size: int = 8000, model_type: str
 def _train(source, output_prefix, vocab_size, model_type, byte_fallback, character_coverage,
            text_key, max_docs, max_sentences, seed_sentencepiece_size, quiet) -> None:
   import sentencepiece as spm
-  spm.SentencePieceTrainer.Train(
-      sentence_iterator=_lines(source, text_key, max_docs),
-      model_prefix=output_prefix, vocab_size=vocab_size, model_type=model_type,
-      byte_fallback=byte_fallback, character_coverage=character_coverage,
-      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-      input_sentence_size=max_sentences, shuffle_input_sentence=True,
-      seed_sentencepiece_size=seed_sentencepiece_size, max_sentence_length=1 << 16,
-      minloglevel=2 if quiet else 0,
-      num_threads=max(1, os.cpu_count() or 1))
+  stats = LineStats()
+  try:
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=_lines(source, text_key, max_docs, stats),
+        model_prefix=output_prefix, vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=byte_fallback, character_coverage=character_coverage,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        seed_sentencepiece_size=seed_sentencepiece_size, max_sentence_length=MAX_SENTENCE_BYTES,
+        minloglevel=2 if quiet else 0,
+        num_threads=max(1, os.cpu_count() or 1))
+  except RuntimeError as e:  # sentencepiece's own checks, e.g. "[!sentences_.empty()]"
+    raise ValueError(f"sentencepiece could not train on {stats.lines:,} line(s) of text "
+                     f"(field {text_key!r}): {str(e).strip().splitlines()[-1][:300].rstrip('.')}. "
+                     + ("Give it more text, or a smaller --vocab_size." if stats.lines
+                        else "The documents hold no non-empty lines.")) from None
+  finally:
+    if stats.cut_lines:
+      print(f"  {stats.summary()}", flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,272 @@
+"""A fused Pallas (TPU Mosaic) forward kernel for exact Multi-Token Attention.
+
+`multi_token_attention(..., implementation="pallas")` computes exactly what the "xla"
+reference in `ops.py` computes (every feature: pre / post key-query convs of any size, pre /
+post head mixing of any group size, segments, the causal mask), without writing a [T, T]
+tensor to memory. The kernel lives in `mta_jax/pallas_kernel.py`; this module plans the
+tiling, builds the halo windows and wires up the gradient.
+
+Forward (fused, one or two Pallas calls):
+  * A program owns one batch row, one head group (all heads of a head-mixing group, so the
+    mixing is local), one block of `block_q` query rows and one block of `block_k` keys; keys
+    are the innermost (sequential) grid axis. Key blocks entirely in the future of the query
+    block are skipped (and not even copied in).
+  * Halos: the pre-softmax conv reads c_q - 1 logit rows above the block and c_k // 2 columns
+    either side, the post-softmax conv the same again on the weights. The kernel reads
+    overlapping query / key windows (block + halo rows or columns), gathered by XLA before the
+    call: an O(T x head_dim) copy, negligible next to the O(T^2) work inside.
+  * Without post-softmax ops: one pass with an online softmax (flash attention).
+    With them: pass 1 stores the log-sum-exp of every row (the post conv's halo rows too);
+    pass 2 recomputes the logits, forms the exact normalised weights on the halo, applies the
+    post conv / mask / mixing and accumulates A v.
+
+Backward: NOT a Pallas kernel yet. The gradient is the exact hand-written VJP of the
+"chunked" implementation (`ops_chunked`, O(block x T) memory), recomputing the forward in
+XLA. Forward values come from the kernel, gradients from the chunked path; both are exact
+(tests/test_ops_pallas.py holds them to the reference).
+
+Platforms: on TPU the kernel is compiled by Mosaic; on every other backend (CPU, GPU) the same
+kernel runs in Pallas interpret mode (exact but slow: meant for tests). The choice is made at
+lowering time (`jax.lax.platform_dependent`), so ahead-of-time compiles for a TPU topology
+from a CPU host get the Mosaic kernel.
+
+Attention dropout is not implemented in the kernel: dropout_rate > 0 raises (use "chunked").
+
+Known limit (TPU): a program holds every head of a mixing group, and the kernel body unrolls
+heads and conv taps, so Mosaic keeps many [rows, columns] tiles live in VMEM. With 4 heads per
+program it compiles for v5e / v5p; with the paper's full mixing (16 heads per program, 6 x 11
+convs, 128 x 128 tiles) Mosaic asks for 87 MiB of scoped VMEM and refuses (default limit 16
+MiB). The fix is to loop over heads through VMEM scratch buffers instead of unrolling them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mta_jax import ops_chunked
+from mta_jax import pallas_kernel as pk
+
+Array = jax.Array
+
+DEFAULT_BLOCK_Q = 128
+DEFAULT_BLOCK_K = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static tiling of one call (hashable: it parameterises the kernels)."""
+  batch: int
+  length: int
+  heads: int
+  head_dim: int
+  heads_per_program: int
+  block_q: int
+  block_k: int
+  c_pre: tuple[int, int] | None       # (c_q, c_k) of the pre-softmax conv
+  c_post: tuple[int, int] | None
+  c_h_pre: int | None                 # head-mixing group sizes
+  c_h_post: int | None
+  segments: bool
+  lane_align: int                     # pad key windows to a multiple of this (TPU: 128)
+
+  @property
+  def halo_rows_pre(self) -> int:
+    return 0 if self.c_pre is None else self.c_pre[0] - 1
+
+  @property
+  def halo_rows_post(self) -> int:
+    return 0 if self.c_post is None else self.c_post[0] - 1
+
+  @property
+  def halo_cols_pre(self) -> int:
+    return 0 if self.c_pre is None else self.c_pre[1] // 2
+
+  @property
+  def halo_cols_post(self) -> int:
+    return 0 if self.c_post is None else self.c_post[1] // 2
+
+  @property
+  def has_pre(self) -> bool:
+    return self.c_pre is not None or self.c_h_pre is not None
+
+  @property
+  def has_post(self) -> bool:
+    return self.c_post is not None or self.c_h_post is not None
+
+  @property
+  def n_q(self) -> int:
+    return -(-self.length // self.block_q)
+
+  @property
+  def n_k(self) -> int:
+    return -(-self.length // self.block_k)
+
+  @property
+  def q_rows(self) -> int:
+    """Rows of a query window: the block plus both convs' row halos."""
+    return self.block_q + self.halo_rows_pre + self.halo_rows_post
+
+  @property
+  def k_cols_nominal(self) -> int:
+    return self.block_k + 2 * (self.halo_cols_pre + self.halo_cols_post)
+
+  @property
+  def k_cols(self) -> int:
+    """Columns of a key window (padded to the lane alignment; extra columns are never read)."""
+    a = self.lane_align
+    return -(-self.k_cols_nominal // a) * a
+
+
+def make_plan(q: Array, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+              segment_ids, *, block_q: int, block_k: int, lane_align: int) -> Plan:
+  batch, length, heads, head_dim = q.shape
+  c_h_pre = None if head_mix_pre is None else head_mix_pre.shape[1]
+  c_h_post = None if head_mix_post is None else head_mix_post.shape[1]
+  hp = math.lcm(c_h_pre or 1, c_h_post or 1)  # divides heads: both group sizes do
+  round8 = lambda n: -(-n // 8) * 8
+  return Plan(
+      batch=batch, length=length, heads=heads, head_dim=head_dim, heads_per_program=hp,
+      block_q=min(block_q, round8(length)), block_k=min(block_k, round8(length)),
+      c_pre=None if kq_kernel_pre is None else tuple(kq_kernel_pre.shape[1:]),
+      c_post=None if kq_kernel_post is None else tuple(kq_kernel_post.shape[1:]),
+      c_h_pre=c_h_pre, c_h_post=c_h_post, segments=segment_ids is not None,
+      lane_align=lane_align)
+
+
+# ---------------------------------------------------------------------------------------------
+# Halo windows (XLA, outside the kernel; O(T x head_dim)).
+# ---------------------------------------------------------------------------------------------
+
+
+def _windows(x_BxHxTxD: Array, n: int, block: int, width: int, front: int) -> Array:
+  """[B, H, n, width, D]: window m holds rows [m * block - front, m * block - front + width).
+
+  Rows outside [0, T) read zero (they are masked inside the kernel anyway).
+  """
+  length = x_BxHxTxD.shape[2]
+  back = max(0, (n - 1) * block - front + width - length)
+  xp = jnp.pad(x_BxHxTxD, ((0, 0), (0, 0), (front, back), (0, 0)))
+  idx = jnp.arange(n)[:, None] * block + jnp.arange(width)[None, :]
+  return jnp.take(xp, idx, axis=2)
+
+
+def _seg_windows(seg_BxT: Array, n: int, block: int, width: int, front: int) -> Array:
+  """[B, n, width] segment-id windows (same rows as `_windows`; edge-padded)."""
+  length = seg_BxT.shape[1]
+  back = max(0, (n - 1) * block - front + width - length)
+  sp = jnp.pad(seg_BxT, ((0, 0), (front, back)), mode="edge")
+  idx = jnp.arange(n)[:, None] * block + jnp.arange(width)[None, :]
+  return jnp.take(sp, idx, axis=1)
+
+
+def _prepare(plan: Plan, q, k, v, segment_ids):
+  to_bhtd = lambda x: jnp.swapaxes(x, 1, 2)
+  row_front = plan.halo_rows_pre + plan.halo_rows_post
+  col_front = plan.halo_cols_pre + plan.halo_cols_post
+  qw = _windows(to_bhtd(q), plan.n_q, plan.block_q, plan.q_rows, row_front)
+  kw = _windows(to_bhtd(k), plan.n_k, plan.block_k, plan.k_cols, col_front)
+  padded = plan.n_k * plan.block_k
+  vb = jnp.pad(to_bhtd(v), ((0, 0), (0, 0), (0, padded - plan.length), (0, 0)))
+  segs = ()
+  if plan.segments:
+    sq = _seg_windows(segment_ids, plan.n_q, plan.block_q, plan.q_rows, row_front)
+    sk = _seg_windows(segment_ids, plan.n_k, plan.block_k, plan.k_cols, col_front)
+    # Layouts the TPU likes: query ids along sublanes (lane-broadcast), key ids along lanes.
+    segs = (jnp.broadcast_to(sq[..., None], (*sq.shape, pk.LANES)).astype(jnp.int32),
+            jnp.broadcast_to(sk[:, :, None, :], (sk.shape[0], sk.shape[1], pk.SUBLANES,
+                                                  sk.shape[2])).astype(jnp.int32))
+  return qw, kw, vb, segs
+
+
+def _flat_weights(kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post):
+  return tuple(w.astype(jnp.float32).reshape(-1)
+               for w in (kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post)
+               if w is not None)
+
+
+def pallas_forward(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+                   segment_ids, *, block_q: int, block_k: int, interpret: bool) -> Array:
+  """The fused forward: [B, T, H, D] in q's dtype."""
+  plan = make_plan(q, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids,
+                   block_q=block_q, block_k=block_k, lane_align=1 if interpret else pk.LANES)
+  qw, kw, vb, segs = _prepare(plan, q, k, v, segment_ids)
+  weights = _flat_weights(kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post)
+  lse = None
+  if plan.has_post:
+    lse = pk.lse_call(plan, qw, kw, segs, weights, interpret=interpret)
+  out = pk.output_call(plan, qw, kw, vb, segs, weights, lse, out_dtype=q.dtype,
+                       interpret=interpret)  # [B, H, n_q * block_q, D]
+  return jnp.swapaxes(out[:, :, :plan.length], 1, 2)
+
+
+def _forward_any_platform(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+                          segment_ids, *, block_q, block_k):
+  args = (q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
+  fwd = functools.partial(pallas_forward, block_q=block_q, block_k=block_k)
+  # Mosaic on TPU, the interpreter elsewhere; decided when lowering (AOT for TPU works).
+  return jax.lax.platform_dependent(
+      *args, tpu=functools.partial(fwd, interpret=False),
+      default=functools.partial(fwd, interpret=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient: the exact VJP of the chunked implementation (no Pallas backward kernel yet).
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunked_reference(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+                       segment_ids):
+  return ops_chunked.make_chunked()(
+      q, k, v, kq_kernel_pre=kq_kernel_pre, kq_kernel_post=kq_kernel_post,
+      head_mix_pre=head_mix_pre, head_mix_post=head_mix_post, segment_ids=segment_ids,
+      dropout_rate=0.0, dropout_rng=None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _mta_pallas_vjp(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+                    segment_ids, block_q, block_k):
+  return _forward_any_platform(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre,
+                               head_mix_post, segment_ids, block_q=block_q, block_k=block_k)
+
+
+def _vjp_fwd(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids,
+             block_q, block_k):
+  out = _forward_any_platform(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre,
+                              head_mix_post, segment_ids, block_q=block_q, block_k=block_k)
+  return out, (q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
+
+
+def _vjp_bwd(block_q, block_k, res, g):
+  del block_q, block_k
+  *diff, segment_ids = res
+  f = lambda *xs: _chunked_reference(*xs, segment_ids)
+  _, vjp = jax.vjp(f, *diff)
+  return (*vjp(g), None)
+
+
+_mta_pallas_vjp.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def _mta_pallas(q, k, v, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+                segment_ids, dropout_rate, dropout_rng, block_q=DEFAULT_BLOCK_Q,
+                block_k=DEFAULT_BLOCK_K):
+  del dropout_rng
+  if dropout_rate > 0.0:
+    raise ValueError("implementation='pallas' has no attention dropout; set the attention "
+                     "dropout to 0 or use implementation='chunked'.")
+  return _mta_pallas_vjp(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+                         segment_ids, block_q, block_k)
+
+
+def make_pallas(block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
+  """The fused-forward implementation with query / key blocks of the given sizes."""
+  for name, b in (("block_q", block_q), ("block_k", block_k)):
+    if b < 8 or b % 8:
+      raise ValueError(f"{name} must be a positive multiple of 8; got {b}.")
+  return functools.partial(_mta_pallas, block_q=block_q, block_k=block_k)
+
