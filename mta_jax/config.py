@@ -129,13 +129,16 @@ class DataConfig:
   train_split: str = "train"
   eval_split: str = "validation"
   text_key: str = "text"
-  tokenizer: str = ""              # path to a sentencepiece .model
+  tokenizer: str = ""              # sentencepiece .model, tiktoken BPE file or tokenizer.json
   packing: str = "concat"          # "concat" (concat-then-split) | "first_fit"
   shuffle: bool = True
   seed: int = 0
   workers: int = 0                 # grain worker processes; 0 = in-process
   prefetch: int = 2
   path: str = ""                   # source "text": directory written by mta_jax.data.prepare
+  # source "text": a weighted mixture of prepared datasets instead of `path`, as
+  # "PATH:WEIGHT,PATH:WEIGHT,..." (weights > 0, normalised), e.g. "data/arxiv:0.3,data/books:0.7"
+  mixture: str = ""
   add_bos: bool = True             # real text: BOS before each document
   add_eos: bool = True             # real text: EOS after each document
   pack_bins: int = 0               # first_fit: rows filled at once; 0 -> rows per process batch
@@ -212,6 +215,12 @@ class TrainConfig:
   seed: int = 0
   name: str = ""
   peak_tflops: float = 0.0         # per-device peak for MFU; 0 -> look up by device kind
+  # Tracking and profiling (metrics.jsonl and TensorBoard are always written).
+  wandb_project: str = ""          # Weights & Biases project; "" = no W&B
+  wandb_run: str = ""              # W&B run name; "" -> the workdir's name
+  wandb_entity: str = ""           # W&B user or team; "" -> your default
+  profile_steps: str = ""          # "START,END": jax.profiler trace of steps START..END
+                                   # into <workdir>/profile (TensorBoard / Perfetto); "" = off
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,6 +570,8 @@ def validate(cfg: "TrainConfig", n_devices: Optional[int] = None,
   if cfg.compile.num_slices < 1 or cfg.compile.hbm_gib < 0:
     raise ConfigError(f"compile.num_slices must be >= 1 and compile.hbm_gib >= 0; got "
                       f"{cfg.compile.num_slices}, {cfg.compile.hbm_gib}.")
+  from mta_jax import profiling
+  profiling.parse_steps(cfg.profile_steps, cfg.steps)
   d = cfg.data
   if d.batch_size < 1 or d.eval_batch_size < 0:
     raise ConfigError(f"data.batch_size must be >= 1 and data.eval_batch_size >= 0; got "
@@ -624,11 +635,41 @@ def validate_data(d: DataConfig, prefix: str = "data") -> None:
   if d.source == "tfds" and not d.tfds_name:
     raise ConfigError(f"{prefix}.source='tfds' needs {prefix}.tfds_name (e.g. 'lm1b', prepared "
                       "in array_record format).")
-  if d.source == "text" and not d.path:
+  if d.source == "text" and not (d.path or d.mixture):
     raise ConfigError(f"{prefix}.source='text' needs {prefix}.path: the directory written by "
-                      "`python -m mta_jax.data.prepare`.")
+                      "`python -m mta_jax.data.prepare` (or data.mixture: several of them).")
+  if d.mixture:
+    if d.source != "text" or d.path:
+      raise ConfigError(f"{prefix}.mixture is set: it needs {prefix}.source='text' and an empty "
+                        f"{prefix}.path (got source={d.source!r}, path={d.path!r}).")
+    parse_mixture(d.mixture, f"{prefix}.mixture")
   if d.source in ("tfds", "text") and not d.tokenizer:
     raise ConfigError(f"{prefix}.source={d.source!r} needs {prefix}.tokenizer: a sentencepiece "
-                      ".model file (train one with `python -m mta_jax.data.tokenizer`).")
+                      ".model, a tiktoken BPE file (Llama 3's tokenizer.model) or a Hugging Face "
+                      "tokenizer.json (train one with `python -m mta_jax.data.tokenizer`).")
   if d.source in ("tfds", "text") and d.seq_len < 2:
     raise ConfigError(f"{prefix}.seq_len must be >= 2 for text; got {d.seq_len}.")
+
+
+def parse_mixture(value: str, setting: str = "data.mixture") -> list[tuple[str, float]]:
+  """"PATH:WEIGHT,PATH:WEIGHT" -> [(path, weight / sum)]; ConfigError naming `setting`.
+  The weight follows the last ':' so URIs (gs://...) keep theirs."""
+  out = []
+  for item in (x.strip() for x in value.split(",")):
+    path, sep, w = item.rpartition(":")
+    try:
+      weight = float(w)
+    except ValueError:
+      weight = None
+    if not item or not sep or not path or weight is None:
+      raise ConfigError(f"{setting}={value!r}: {item!r} is not PATH:WEIGHT; write e.g. "
+                        "'data/arxiv:0.3,data/books:0.7'.")
+    if not (weight > 0 and math.isfinite(weight)):
+      raise ConfigError(f"{setting}={value!r}: the weight of {path!r} is {w}; weights must be "
+                        "positive (leave a dataset out instead of giving it weight 0).")
+    out.append((path, weight))
+  paths = [p for p, _ in out]
+  if len(set(paths)) != len(paths):
+    raise ConfigError(f"{setting}={value!r} names a dataset twice; give each one weight.")
+  total = sum(w for _, w in out)
+  return [(p, w / total) for p, w in out]

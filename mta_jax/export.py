@@ -9,10 +9,12 @@ Export layout (one self-contained directory; nothing refers back to the training
       params/             Orbax PyTree checkpoint of the parameters (nested dict, no optimizer)
       model.safetensors   the same tensors, flat names such as "blocks.0.attn.wq", for use
                           outside JAX (PyTorch, NumPy); metadata carries the config JSON
-      tokenizer.model     copy of data.tokenizer (sentencepiece) when the run used one
+      tokenizer.model     copy of data.tokenizer (any kind: told apart by content) when the
+                          run used one, with tokenizer_config.json if one lay beside it
 
 Written into a temporary sibling directory and renamed when complete, so a killed export never
-leaves a directory that looks finished. Create one with
+leaves a directory that looks finished (a bucket `export_dir`, gs://..., is built locally and
+uploaded with the manifest last). Every file is read through etils.epath. Create one with
 
     python train.py --mode=export --workdir=<run> [--config.checkpoint.export_dir=<dir>]
                     [--config.checkpoint.export_dtype=bfloat16]
@@ -29,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from typing import Any, Mapping, Optional
 
@@ -39,7 +42,7 @@ from flax import nnx
 
 from mta_jax import checkpoint as ckpt_lib
 from mta_jax import config as config_lib
-from mta_jax import faults, sharding, tree_io
+from mta_jax import faults, paths, sharding, storage, tree_io
 from mta_jax.model import TransformerLM
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ EXPORT_VERSION = 1
 MANIFEST = "export.json"
 SAFETENSORS = "model.safetensors"
 TOKENIZER = "tokenizer.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 class ExportError(RuntimeError):
   """A missing, incomplete or corrupt export; the message names the path."""
@@ -69,9 +73,9 @@ class Exported:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sha256(path: str) -> str:
+def _sha256(path) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with storage.path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -98,43 +102,31 @@ def write_export(out_dir: str, params_flat: Mapping[tuple[str, ...], np.ndarray]
                  cfg: config_lib.TrainConfig, *, step: int, tokenizer: Optional[str],
                  overwrite: bool = True) -> str:
   """Write the export layout (see module docstring) atomically. Returns `out_dir`."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
-    if not os.path.exists(os.path.join(out_dir, MANIFEST)):
+  out_dir = paths.resolve(out_dir)
+  out = storage.path(out_dir)
+  if out.exists():
+    if not out.is_dir():
+      raise ExportError(f"{out_dir} is a file, not a directory; choose another export "
+                        "directory (--config.checkpoint.export_dir).")
+    if not (out / MANIFEST).exists():
       raise ExportError(f"{out_dir} exists and is not an export; choose another export "
                         "directory (--config.checkpoint.export_dir) or remove it.")
     if not overwrite:
       raise ExportError(f"{out_dir} already holds an export; pass overwrite=True to replace it.")
-  if tokenizer and not os.path.isfile(tokenizer):
+  if tokenizer and not storage.path(tokenizer).is_file():
     raise ExportError(f"tokenizer {tokenizer!r} (data.tokenizer) does not exist; the export "
                       "would not be self-contained. Fix the path or clear data.tokenizer.")
+  if paths.is_uri(out_dir):  # built on local disk, then uploaded with the manifest last
+    with tempfile.TemporaryDirectory() as tmp:
+      local = os.path.join(tmp, "export")
+      _write_files(local, params_flat, cfg, step, tokenizer)
+      _upload(local, out)
+    return out_dir
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-{int(time.time())}")
   try:
-    os.makedirs(tmp)
-    tree_io.save_tree(os.path.join(tmp, "params"), tree_io.nest(params_flat))
-    cfg_dict = config_lib.to_dict(cfg)
-    cfg_json = json.dumps(cfg_dict, indent=2, sort_keys=True)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      f.write(cfg_json)
-    from safetensors.numpy import save_file
-    save_file({tree_io.path_str(p): np.array(v, order="C") for p, v in params_flat.items()},
-              os.path.join(tmp, SAFETENSORS),
-              metadata={"format": EXPORT_FORMAT, "config": json.dumps(cfg_dict["model"]),
-                        "step": str(step)})
-    if tokenizer:
-      shutil.copyfile(tokenizer, os.path.join(tmp, TOKENIZER))
-    dtypes = sorted({str(v.dtype) for v in params_flat.values()})
-    manifest = {
-        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "step": int(step),
-        "param_dtypes": dtypes, "n_params": int(sum(v.size for v in params_flat.values())),
-        "tokenizer": TOKENIZER if tokenizer else None,
-        "tokenizer_source": tokenizer or None,
-        "files": _file_hashes(tmp),
-    }
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-      json.dump(manifest, f, indent=2)
+    _write_files(tmp, params_flat, cfg, step, tokenizer)
     if os.path.exists(out_dir):
       shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)
@@ -142,6 +134,57 @@ def write_export(out_dir: str, params_flat: Mapping[tuple[str, ...], np.ndarray]
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
+
+
+def _write_files(tmp: str, params_flat, cfg, step: int, tokenizer: Optional[str]) -> None:
+  """The export layout in the local directory `tmp`, manifest included."""
+  os.makedirs(tmp)
+  tree_io.save_tree(os.path.join(tmp, "params"), tree_io.nest(params_flat))
+  cfg_dict = config_lib.to_dict(cfg)
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    f.write(json.dumps(cfg_dict, indent=2, sort_keys=True))
+  from safetensors.numpy import save_file
+  save_file({tree_io.path_str(p): np.array(v, order="C") for p, v in params_flat.items()},
+            os.path.join(tmp, SAFETENSORS),
+            metadata={"format": EXPORT_FORMAT, "config": json.dumps(cfg_dict["model"]),
+                      "step": str(step)})
+  if tokenizer:
+    src = storage.path(tokenizer)
+    with open(os.path.join(tmp, TOKENIZER), "wb") as f:
+      f.write(src.read_bytes())
+    beside = src.parent / TOKENIZER_CONFIG  # HF special tokens, read by data.tokenizer
+    if beside.is_file():
+      with open(os.path.join(tmp, TOKENIZER_CONFIG), "wb") as f:
+        f.write(beside.read_bytes())
+  dtypes = sorted({str(v.dtype) for v in params_flat.values()})
+  manifest = {
+      "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "step": int(step),
+      "param_dtypes": dtypes, "n_params": int(sum(v.size for v in params_flat.values())),
+      "tokenizer": TOKENIZER if tokenizer else None,
+      "tokenizer_source": tokenizer or None,
+      "files": _file_hashes(tmp),
+  }
+  with open(os.path.join(tmp, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=2)
+
+
+def _upload(local: str, out) -> None:
+  """Copies a finished local export to a bucket: an old export's manifest goes first and the
+  new one comes last, so an interrupted upload never looks like a complete export."""
+  if (out / MANIFEST).exists():
+    (out / MANIFEST).unlink()
+  if out.exists():
+    out.rmtree()
+  for d, _, files in os.walk(local):
+    for f in files:
+      rel = os.path.relpath(os.path.join(d, f), local)
+      if rel != MANIFEST:
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(os.path.join(d, f), "rb") as fh:
+          dst.write_bytes(fh.read())
+  with open(os.path.join(local, MANIFEST), "rb") as fh:
+    (out / MANIFEST).write_bytes(fh.read())
 
 
 def export_checkpoint(workdir: str, out_dir: str, *, dtype: str = "", step: Optional[int] = None,
@@ -233,16 +276,16 @@ def export_main(cfg: config_lib.TrainConfig, workdir: str) -> str:
 
 def read_manifest(path: str, verify: bool = True) -> dict:
   """The export's manifest; with `verify`, every file is checked against its sha256."""
-  if not os.path.isdir(path):
+  root = storage.path(path)
+  if not root.is_dir():
     raise ExportError(f"no exported model at {path!r}: the directory does not exist. Create one "
                       "with `python train.py --mode=export --workdir=<run>`.")
-  mpath = os.path.join(path, MANIFEST)
-  if not os.path.isfile(mpath):
+  mpath = root / MANIFEST
+  if not mpath.is_file():
     raise ExportError(f"{path!r} is not a complete export: {MANIFEST} is missing (an export "
                       "interrupted before it finished, or another kind of directory).")
   try:
-    with open(mpath) as f:
-      manifest = json.load(f)
+    manifest = json.loads(mpath.read_text())
   except (OSError, ValueError) as e:
     raise ExportError(f"{mpath} is unreadable or corrupt: {e}") from e
   if not isinstance(manifest, dict):
@@ -254,8 +297,8 @@ def read_manifest(path: str, verify: bool = True) -> dict:
   _check_manifest(path, mpath, manifest)
   if verify:
     for rel, digest in manifest["files"].items():
-      full = os.path.join(path, rel)
-      if not os.path.isfile(full):
+      full = root / rel
+      if not full.is_file():
         raise ExportError(f"export {path!r} is incomplete: {rel} is missing.")
       if _sha256(full) != digest:
         raise ExportError(f"export {path!r} is corrupt: {rel} does not match its checksum in "
@@ -272,6 +315,8 @@ def _inside(root: str, rel) -> bool:
     return False
   if any(part in ("", ".", "..") for part in rel.split("/")):
     return False
+  if storage.is_remote(root):  # object stores have no symlinks: the parts above decide
+    return True
   real_root = os.path.realpath(root)
   return os.path.realpath(os.path.join(root, rel)).startswith(real_root + os.sep)
 
@@ -300,9 +345,10 @@ def _check_manifest(path: str, mpath: str, manifest: dict) -> None:
     missing.append("params/...")
   if missing:
     bad(f"it does not list {missing}")
-  if os.path.isdir(os.path.join(path, "params")):
-    on_disk = {os.path.relpath(os.path.join(d, f), path)
-               for d, _, fs in os.walk(os.path.join(path, "params")) for f in fs}
+  root = storage.path(path)
+  if (root / "params").is_dir():
+    on_disk = {(d / f).relative_to(root).as_posix()
+               for d, _, fs in (root / "params").walk() for f in fs}
     unlisted = sorted(on_disk - set(files))
     if unlisted:
       bad(f"files of params/ are not listed: {unlisted[:5]}")
@@ -330,9 +376,9 @@ def load_exported(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
       stored config.
   """
   manifest = read_manifest(path, verify=verify)
-  with open(os.path.join(path, "config.json")) as f:
-    cfg = config_lib.from_dict(config_lib.TrainConfig, json.load(f),
-                               os.path.join(path, "config.json"))
+  cfg = config_lib.from_dict(config_lib.TrainConfig,
+                             json.loads((storage.path(path) / "config.json").read_text()),
+                             os.path.join(path, "config.json"))
   if dtype:
     cfg.model.dtype = dtype
   abstract = nnx.eval_shape(lambda: TransformerLM(cfg.model, rngs=nnx.Rngs(0)))
@@ -340,8 +386,9 @@ def load_exported(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
   shardings = sharding.state_shardings(abs_params, mesh) if mesh is not None else None
   want = tree_io.flatten(abs_params)
   if from_safetensors:
-    from safetensors.numpy import load_file
-    flat = {tuple(k.split(".")): v for k, v in load_file(os.path.join(path, SAFETENSORS)).items()}
+    from safetensors.numpy import load
+    blob = (storage.path(path) / SAFETENSORS).read_bytes()
+    flat = {tuple(k.split(".")): v for k, v in load(blob).items()}
     _check_tree(path, SAFETENSORS, flat, want)
     sh = tree_io.flatten(shardings) if shardings is not None else {}
     flat = {p: jax.device_put(jnp.asarray(v, want[p].dtype), sh.get(p)) for p, v in flat.items()}
@@ -352,7 +399,7 @@ def load_exported(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
     flat = tree_io.flatten(tree_io.restore_tree(os.path.join(path, "params"), target))
   params = tree_io.fill(abs_params, flat)
   model = nnx.merge(graphdef, params)
-  tok = os.path.join(os.path.abspath(path), manifest["tokenizer"]) if manifest.get(
+  tok = os.path.join(paths.resolve(path), manifest["tokenizer"]) if manifest.get(
       "tokenizer") else None
   return Exported(model=model, config=cfg, step=int(manifest["step"]), tokenizer=tok,
                   manifest=manifest)

@@ -1,9 +1,12 @@
-"""Where training numbers go: a progress line on stdout, metrics.jsonl, TensorBoard, a PNG.
+"""Where training numbers go: a progress line on stdout, metrics.jsonl, TensorBoard, W&B, a PNG.
 
 Only process 0 writes files. Every record is `{"step": int, "split": "train"|"eval", ...}`, one
 JSON object per line in `<workdir>/metrics.jsonl`; the same scalars go to TensorBoard event files
-in `<workdir>/tensorboard` (`tensorboard --logdir <workdir>`), tagged `<split>/<name>`. A resumed
-run keeps each step once in both (see `MetricsWriter.open`).
+in `<workdir>/tensorboard` (`tensorboard --logdir <workdir>`), tagged `<split>/<name>`, and, when
+`wandb_project` is set, to a Weights & Biases run (same tags; its id is kept in
+`<workdir>/wandb_run_id` so a resumed run continues the same W&B run). A resumed run keeps each
+step once in metrics.jsonl and TensorBoard (see `MetricsWriter.open`). The workdir may be local or
+a bucket (`mta_jax.storage`).
 """
 
 import json
@@ -11,8 +14,11 @@ import math
 import os
 import sys
 import time
+import uuid
 
 import jax
+
+from mta_jax import storage
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -57,17 +63,18 @@ class _TensorBoard:
     self._writer.close()
 
 
-def read_records(path: str) -> list[dict]:
-  """The records of a metrics.jsonl (a torn last line, e.g. from a kill, is skipped)."""
-  if not os.path.exists(path):
+def read_records(path) -> list[dict]:
+  """The records of a metrics.jsonl, local or remote (a torn last line, e.g. from a kill, is
+  skipped)."""
+  target = storage.path(path)
+  if not target.exists():
     return []
   out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except ValueError:
-        continue
+  for line in target.read_text().splitlines():
+    try:
+      out.append(json.loads(line))
+    except ValueError:
+      continue
   return out
 
 
@@ -79,34 +86,44 @@ class MetricsWriter:
   TensorBoard continues one run and the loss curve covers the whole run.
   """
 
-  def __init__(self, workdir: str, total_steps: int, *, enabled: bool | None = None):
+  def __init__(self, workdir: str, total_steps: int, *, enabled: bool | None = None,
+               wandb_project: str = "", wandb_run: str = "", wandb_entity: str = "",
+               config: dict | None = None):
     self.workdir = workdir
     self.total_steps = total_steps
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.history: list[dict] = []
     self._tb = None
+    self._tb_dir = None
+    self._tb_synced = 0.0
     self._jsonl = None
+    self._wandb = None
+    self._wandb_args = (wandb_project, wandb_run, wandb_entity, config)
+    if self.enabled:  # a file, or a bucket out of reach, is said now (nothing is written yet)
+      storage.check_dir(workdir, "--workdir")
 
   def open(self, start_step: int = 0) -> None:
     """Start writing at `start_step` (0: a fresh run); drops earlier records of later steps."""
     if not self.enabled:
       return
-    os.makedirs(self.workdir, exist_ok=True)
-    path = os.path.join(self.workdir, "metrics.jsonl")
+    storage.ensure_dir(self.workdir, "--workdir")
+    path = storage.path(self.workdir) / "metrics.jsonl"
     records = read_records(path)
     self.history = [r for r in records if int(r.get("step", 0)) <= start_step]
-    if os.path.exists(path):
+    if path.exists():
       dropped = len(records) - len(self.history)
-      tmp = path + ".tmp"
-      with open(tmp, "w") as f:  # rewritten whole, then renamed: a kill leaves either file
-        f.writelines(json.dumps(r) + "\n" for r in self.history)
-      os.replace(tmp, path)
+      _rewrite(path, "".join(json.dumps(r) + "\n" for r in self.history))
       if dropped:
         self.log(f"metrics.jsonl: dropped {dropped} record(s) after step {start_step} "
                  "(they are replayed from the checkpoint)")
-    self._jsonl = open(path, "a")
+    self._jsonl = storage.AppendFile(path)
+    project, run, entity, config = self._wandb_args
+    if project:
+      self._wandb = _wandb_run(self.workdir, project, run, entity, config)
     try:
-      self._tb = _TensorBoard(os.path.join(self.workdir, "tensorboard"),
+      # Event files are written locally; a remote workdir gets copies (storage.LocalMirror).
+      self._tb_dir = storage.LocalMirror(storage.path(self.workdir) / "tensorboard")
+      self._tb = _TensorBoard(self._tb_dir.local,
                               purge_step=start_step + 1 if start_step else None)
     except ImportError:  # TensorBoard files are a convenience, not a requirement
       self._tb = None
@@ -125,13 +142,18 @@ class MetricsWriter:
     if not self.enabled or self._jsonl is None:
       return
     self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
     if self._tb is not None:
       try:
         self._tb.write(step, {f"{split}/{k}": float(v) for k, v in scalars.items()
                               if v is not None and math.isfinite(float(v))})
+        if time.time() - self._tb_synced > 30:
+          self._tb_dir.sync()
+          self._tb_synced = time.time()
       except OSError as e:  # e.g. disk full: metrics.jsonl (above) reports it first
         self._tb_failed(e)
+    if self._wandb is not None:
+      self._wandb.log({f"{split}/{k}": float(v) for k, v in scalars.items()
+                       if v is not None and math.isfinite(float(v))}, step=int(step))
 
   def progress(self, step: int, scalars: dict, elapsed: float, steps_done: int) -> str:
     """`step 200/1500 | loss 1.2345 | 52.1k tok/s | MFU 31.0% | lr 1.0e-03 | ETA 3m10s`."""
@@ -191,20 +213,56 @@ class MetricsWriter:
       ax.grid(alpha=0.3)
     fig.suptitle(os.path.basename(os.path.normpath(self.workdir)))
     fig.tight_layout()
-    path = os.path.join(self.workdir, filename)
-    fig.savefig(path, dpi=110)
+    path = storage.save_figure(fig, os.path.join(self.workdir, filename))
     plt.close(fig)
     return path
 
   def close(self) -> None:
     """Close the files; errors while closing (e.g. a full disk) are not raised again."""
     jsonl, tb, self._jsonl, self._tb = self._jsonl, self._tb, None, None
-    for f in (jsonl, tb):
+    for f in (jsonl, tb, self._tb_dir if tb is not None else None):
       if f is not None:
         try:
           f.close()
         except OSError:
           pass
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
+
+
+def _rewrite(path, text: str) -> None:
+  """Replace a file's contents so that a kill leaves the old or the new file, never half of one:
+  locally through a renamed temporary file; an object store replaces objects whole anyway."""
+  if storage.is_remote(path):
+    path.write_text(text)
+    return
+  tmp = os.fspath(path) + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, os.fspath(path))
+
+
+def _wandb_run(workdir: str, project: str, name: str, entity: str, config: dict | None):
+  """A W&B run for `workdir`: created on the first start, resumed (same id) afterwards.
+  WANDB_MODE=offline keeps it on disk (`wandb sync` uploads it later)."""
+  try:
+    import wandb
+  except ImportError:
+    from mta_jax.config import ConfigError
+    raise ConfigError(f"wandb_project={project!r} needs the wandb package: "
+                      "`pip install wandb` (or `pip install mta_jax[wandb]`), or unset "
+                      "wandb_project.") from None
+  id_file = storage.path(workdir) / "wandb_run_id"
+  if id_file.is_file():
+    run_id = id_file.read_text().strip()
+  else:
+    run_id = uuid.uuid4().hex[:12]
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id + "\n")
+  local = None if storage.is_remote(workdir) else workdir  # W&B keeps its files on local disk
+  return wandb.init(project=project, name=name or os.path.basename(os.path.normpath(workdir)),
+                    entity=entity or None, id=run_id, resume="allow", dir=local, config=config)
 
 
 def memory_summary(compiled) -> str:
@@ -234,7 +292,7 @@ def compare(workdirs: list[str], out: str, labels: list[str] | None = None) -> s
   labels = labels or [os.path.basename(os.path.normpath(w)) for w in workdirs]
   fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
   for i, (w, label) in enumerate(zip(workdirs, labels)):
-    records = read_records(os.path.join(w, "metrics.jsonl"))
+    records = read_records(storage.path(w) / "metrics.jsonl")
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval" and r.get("seq_error") is not None]
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color=f"C{i}",
@@ -247,7 +305,7 @@ def compare(workdirs: list[str], out: str, labels: list[str] | None = None) -> s
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(out, dpi=110)
+  storage.save_figure(fig, out)
   plt.close(fig)
   return out
 

@@ -56,17 +56,19 @@ def _identity_init(cfg: config_lib.TrainConfig, wanted: dict) -> dict:
 
 def _source(src: str):
   """(kind, location, step) for a workdir / checkpoints dir / step dir / export dir."""
-  if not os.path.exists(src):
+  from mta_jax import storage  # local or remote (gs://...) sources
+  root = storage.path(src)
+  if not root.exists():
     raise export.ExportError(
         f"checkpoint.init_from={src!r} does not exist; give a training workdir, one of its "
         "checkpoints/<step> directories, or an export directory.")
-  if os.path.isfile(os.path.join(src, export.MANIFEST)):
+  if (root / export.MANIFEST).is_file():
     return "export", src, None
   subdir = ckpt_lib.CHECKPOINT_SUBDIR
-  if os.path.isdir(os.path.join(src, subdir)):
+  if (root / subdir).is_dir():
     return "workdir", src, None
-  base = os.path.basename(os.path.normpath(src))
-  parent = os.path.dirname(os.path.normpath(src))
+  base = os.path.basename(src.rstrip("/"))  # (not normpath: it breaks gs://)
+  parent = os.path.dirname(src.rstrip("/"))
   if base == subdir:
     return "workdir", parent, None
   if base.isdigit() and os.path.basename(parent) == subdir:
@@ -80,8 +82,9 @@ def _read_source(source: str):
   kind, loc, step = _source(source)
   if kind == "export":
     export.read_manifest(loc, verify=True)
-    with open(os.path.join(loc, "config.json")) as f:
-      stored_cfg = config_lib.from_dict(config_lib.TrainConfig, json.load(f))
+    from mta_jax import storage
+    stored_cfg = config_lib.from_dict(config_lib.TrainConfig,
+                                      json.loads((storage.path(loc) / "config.json").read_text()))
     params_dir = os.path.join(loc, "params")
     return (stored_cfg, tree_io.tree_metadata(params_dir),
             lambda target: tree_io.restore_tree(params_dir, target), None)

@@ -42,8 +42,9 @@ from mta_jax import config as config_lib
 from mta_jax import data as data_lib
 from mta_jax import flops as flops_lib
 from mta_jax import metrics as metrics_lib
-from mta_jax import optim, retrofit
+from mta_jax import optim, profiling, retrofit
 from mta_jax import sharding
+from mta_jax import storage
 from mta_jax.config import TrainConfig
 from mta_jax.data.rows import ROW_KEYS
 from mta_jax.model import TransformerLM
@@ -303,9 +304,9 @@ def eval_summary(cfg: TrainConfig, r: dict) -> str:
 def write_config(cfg: TrainConfig, workdir: str) -> str:
   path = os.path.join(workdir, "config.json")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(config_lib.to_dict(cfg), f, indent=2, sort_keys=True)
+    target = storage.path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(config_lib.to_dict(cfg), indent=2, sort_keys=True))
   return path
 
 
@@ -400,7 +401,7 @@ def _save(run: _Run, force: bool) -> bool:
   return run.ckpt.save(run.step, run.state, run.data_iter, run.meta, force=True)
 
 
-def _train_loop(run: _Run, compiled, batch, eval_step) -> None:
+def _train_loop(run: _Run, compiled, batch, eval_step, profiler: profiling.StepProfiler) -> None:
   cfg, writer = run.cfg, run.writer
   accum = cfg.optim.grad_accum
   batch_sh = batch_shardings(run.mesh, accum=True)
@@ -415,10 +416,12 @@ def _train_loop(run: _Run, compiled, batch, eval_step) -> None:
     if run.lease is not None:
       run.lease.check()
     run.ckpt.check_for_errors()  # a failed background save stops the run now
+    profiler.before(run.step + 1)
     run.state, m = compiled(run.state, batch)
     m = jax.device_get(m)  # waits for this step: the loss is checked before anything else
     run.step += 1
     step = run.step
+    profiler.after(step, run.state)
     run_steps += 1
     window_steps += 1
     tokens_seen += tokens_per_step
@@ -495,7 +498,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str) -> dict:
   from mta_jax import lease as lease_lib
   mesh = setup(cfg)
   lease = lease_lib.acquire_for_run(workdir, command=" ".join(sys.argv)[:300])
-  writer = metrics_lib.MetricsWriter(workdir, cfg.steps)
+  writer = metrics_lib.MetricsWriter(workdir, cfg.steps, wandb_project=cfg.wandb_project,
+                                     wandb_run=cfg.wandb_run, wandb_entity=cfg.wandb_entity,
+                                     config=config_lib.to_dict(cfg))
   ckpt = None
   try:
     data_iter = data_lib.make_train_iterator(cfg)
@@ -551,7 +556,12 @@ def _run_training(run: _Run) -> None:
     mem = metrics_lib.memory_summary(compiled)
     if mem:
       run.writer.log(mem)
-    _train_loop(run, compiled, batch, eval_step)
+    profiler = profiling.StepProfiler(cfg.profile_steps, cfg.steps, run.workdir, run.start,
+                                      run.writer.log)
+    try:
+      _train_loop(run, compiled, batch, eval_step, profiler)
+    finally:
+      profiler.stop()
 
 
 def save_pictures(cfg: TrainConfig, defs: GraphDefs, state: TrainState, workdir: str,

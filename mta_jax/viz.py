@@ -14,7 +14,6 @@ writes, for a training workdir or an export and a text:
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import matplotlib
@@ -244,8 +243,8 @@ def main(argv=None) -> int:
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  from mta_jax import storage  # local or remote (gs://...) path
+  storage.save_figure(fig, path)
   plt.close(fig)
   return path
 

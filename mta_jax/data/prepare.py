@@ -1,38 +1,47 @@
-"""Turn local .txt / .jsonl files into a TFDS-compatible array_record dataset (no TensorFlow).
+"""Turn text corpora into a TFDS-compatible array_record dataset (no TensorFlow).
 
-  python -m mta_jax.data.prepare --input='corpus/*.txt' --output=DATA_DIR --name=my_corpus \
-      [--txt_doc=line|file] [--text_key=text] [--validation_fraction=0.01]
+  python -m mta_jax.data.prepare --input='corpus/*.jsonl.zst' --output=DATA_DIR --name=my_corpus \
+      [--txt_doc=line|file] [--text_key=text] [--validation_fraction=0.01] [--workers=8]
 
 writes DATA_DIR/my_corpus/1.0.0/ with dataset_info.json, features.json and
 my_corpus-{train,validation}.array_record-* files (one feature, 'text'). The result loads with
 `tfds.builder_from_directory(DATA_DIR/my_corpus/1.0.0)` or
 `tfds.data_source('my_corpus', data_dir=DATA_DIR)`; train on it with `data.source='text'`,
 `data.path=DATA_DIR/my_corpus` (or `data.source='tfds'`, `data.tfds_name='my_corpus'`,
-`data.tfds_data_dir=DATA_DIR`).
+`data.tfds_data_dir=DATA_DIR`), or mix several with `data.mixture`.
 
-Documents: .txt files give one document per non-empty line (`--txt_doc=line`) or one per file
-(`--txt_doc=file`); .jsonl files give one document per line, the string in field `--text_key`.
-Whitespace-only documents are skipped. A document longer than `--max_doc_chars` characters
-(default 16,384) becomes consecutive pieces of at most that length, cut at line (else word)
-boundaries: the training shuffle then mixes pieces of a long document with the rest of the
+Inputs: .txt files give one document per non-empty line (`--txt_doc=line`) or one per file
+(`--txt_doc=file`); .jsonl files give one document per line, the string in field `--text_key`;
+either may be compressed (.gz, .zst: SlimPajama's `*.jsonl.zst` chunks). A directory saved by
+Hugging Face `datasets` (`save_to_disk`) gives one document per row (`--hf_split` of a
+DatasetDict). Whitespace-only documents are skipped. A document longer than `--max_doc_chars`
+characters (default 16,384) becomes consecutive pieces of at most that length, cut at line (else
+word) boundaries: the training shuffle then mixes pieces of a long document with the rest of the
 corpus instead of filling many consecutive batches with it, and no record is larger than the
 limit, so reading and tokenizing stay bounded however long the input lines are (the command
 says how many documents it split). Documents go to the validation split by a seeded random
 choice of `--validation_fraction` of them (at least one when the fraction is > 0), the rest to
 train; both splits keep the input order (the training pipeline shuffles).
+
+Scale: inputs are streamed (never held in memory as a whole). `--workers=N` reads and parses
+files (and ranges of rows of a `datasets` directory) in N processes, in order, with at most 2N
+pieces in flight; a progress bar shows files and documents.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import gzip
+import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import sys
 import tempfile
-import time
+import threading
 import types
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -45,21 +54,43 @@ class PrepareError(ValueError):
 
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+SUFFIXES = tuple(s + c for s in TEXT_SUFFIXES + JSONL_SUFFIXES for c in ("",) + COMPRESSED_SUFFIXES)
+HF_ROWS_PER_PIECE = 50_000  # rows of a `datasets` directory one worker reads at a time
+
+
+def _plain_name(path: str) -> str:
+  """The file name without its compression suffix ('a.jsonl.zst' -> 'a.jsonl')."""
+  for c in COMPRESSED_SUFFIXES:
+    if path.endswith(c):
+      return path[:-len(c)]
+  return path
+
+
+def is_hf_dataset_dir(path: str) -> bool:
+  """A directory written by `datasets.Dataset(Dict).save_to_disk`."""
+  return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(
+      os.path.join(path, "dataset_dict.json"))
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
-  """Files from paths, globs and directories (searched recursively for .txt / .jsonl)."""
+  """Files and `datasets` directories from paths, globs and directories (searched recursively
+  for .txt / .jsonl files, optionally .gz / .zst compressed)."""
   files = []
   for pat in patterns:
     pat = os.path.expanduser(pat)
-    if os.path.isdir(pat):
+    if os.path.isdir(pat) and is_hf_dataset_dir(pat):
+      files.append(pat)
+    elif os.path.isdir(pat):
       found = sorted(f for f in glob.glob(os.path.join(pat, "**", "*"), recursive=True)
-                     if f.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES) and os.path.isfile(f))
+                     if f.endswith(SUFFIXES) and os.path.isfile(f))
       if not found:
-        raise PrepareError(f"--input {pat!r} is a directory without .txt / .jsonl files.")
+        raise PrepareError(f"--input {pat!r} is a directory without .txt / .jsonl files "
+                           "(plain, .gz or .zst) and not a Hugging Face `datasets` directory.")
       files += found
     elif any(c in pat for c in "*?["):
-      found = sorted(f for f in glob.glob(pat, recursive=True) if os.path.isfile(f))
+      found = sorted(f for f in glob.glob(pat, recursive=True)
+                     if os.path.isfile(f) or is_hf_dataset_dir(f))
       if not found:
         raise PrepareError(f"--input {pat!r} matches no files.")
       files += found
@@ -68,6 +99,16 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     else:
       files.append(pat)
   return files
+
+
+def _open_text(path: str):
+  if path.endswith(".gz"):
+    return gzip.open(path, "rt", encoding="utf-8", errors="strict")
+  if path.endswith((".zst", ".zstd")):
+    import zstandard
+    raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+  return open(path, encoding="utf-8", errors="strict")
 
 
 DEFAULT_MAX_DOC_CHARS = 16_384
@@ -85,6 +126,11 @@ class SplitStats:
     return (f"split {self.split_docs:,} document(s) longer than {limit:,} characters (the "
             f"longest {self.longest:,}) into {self.pieces:,} pieces of at most {limit:,} "
             "(--max_doc_chars); nothing was dropped")
+
+  def add(self, other: "SplitStats") -> None:
+    self.split_docs += other.split_docs
+    self.pieces += other.pieces
+    self.longest = max(self.longest, other.longest)
 
 
 def _cut(text: str, limit: int) -> int:
@@ -158,49 +204,149 @@ def _jsonl_text(path: str, lineno: int, line: str, text_key: str) -> str:
   return text
 
 
+def _file_documents(path: str, txt_doc: str, text_key: str, limit: int,
+                    stats: Optional[SplitStats]) -> Iterator[str]:
+  """Documents (or pieces of them, see `split_pieces`) of one file. Text is read `limit`
+  characters at a time, so a single 50 MB line never sits in memory whole; a .jsonl line is
+  parsed whole (JSON cannot be parsed in pieces)."""
+  if os.path.getsize(path) == 0:
+    print(f"  warning: {path} is empty; skipped", file=sys.stderr)
+    return
+  is_jsonl = _plain_name(path).endswith(JSONL_SUFFIXES)
+  try:
+    with _open_text(path) as f:
+      if not is_jsonl and txt_doc == "file":
+        yield from split_pieces(_file_chunks(f, limit), limit, stats)
+        return
+      lineno = 0
+      while True:
+        line = f.readline(limit or -1) if not is_jsonl else f.readline()
+        if not line:
+          break
+        lineno += 1
+        if not is_jsonl:
+          yield from split_pieces(_line_chunks(f, line, limit), limit, stats)
+        elif line.strip():
+          yield from split_pieces([_jsonl_text(path, lineno, line, text_key)], limit, stats)
+  except UnicodeDecodeError as e:
+    raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    raise PrepareError(f"{path}: cannot be read ({type(e).__name__}: {e}).") from None
+  except Exception as e:  # noqa: BLE001 - zstandard.ZstdError and friends
+    if type(e).__module__.startswith("zstandard"):
+      raise PrepareError(f"{path}: not a valid zstd file ({e}).") from None
+    raise
+
+
+def _hf_dataset(path: str, split: str, text_key: str):
+  try:
+    import datasets
+  except ImportError:
+    raise PrepareError(f"--input {path!r} is a Hugging Face `datasets` directory; install the "
+                       "datasets package (`pip install datasets`) to read it.") from None
+  ds = datasets.load_from_disk(path)  # memory-mapped Arrow files: nothing is loaded up front
+  if isinstance(ds, datasets.DatasetDict):
+    if split not in ds:
+      raise PrepareError(f"--hf_split={split!r} is not a split of {path} (has {sorted(ds)}).")
+    ds = ds[split]
+  if text_key not in ds.column_names:
+    raise PrepareError(f"{path}: no column --text_key={text_key!r} (has {ds.column_names}); "
+                       "set --text_key to the column holding the text.")
+  return ds.select_columns([text_key])
+
+
+def _hf_documents(path: str, split: str, text_key: str, start: int = 0,
+                  stop: Optional[int] = None, limit: int = 0,
+                  stats: Optional[SplitStats] = None) -> Iterator[str]:
+  ds = _hf_dataset(path, split, text_key)
+  stop = len(ds) if stop is None else min(stop, len(ds))
+  for i in range(start, stop, 1000):
+    for text in ds[i:min(i + 1000, stop)][text_key]:
+      if isinstance(text, str) and text.strip():
+        yield from split_pieces([text], limit, stats)
+
+
+def _pieces(files: Sequence[str], hf_split: str, text_key: str) -> list[tuple]:
+  """Units of work, in order: (file,) or (datasets dir, start row, stop row)."""
+  out = []
+  for f in files:
+    if os.path.isdir(f):
+      n = len(_hf_dataset(f, hf_split, text_key))
+      out += [(f, i, i + HF_ROWS_PER_PIECE) for i in range(0, n, HF_ROWS_PER_PIECE)]
+    else:
+      out.append((f,))
+  return out
+
+
+def _piece_documents(piece: tuple, txt_doc: str, text_key: str, hf_split: str, limit: int,
+                     stats: Optional[SplitStats]) -> Iterator[str]:
+  if len(piece) == 1:
+    return _file_documents(piece[0], txt_doc, text_key, limit, stats)
+  return _hf_documents(piece[0], hf_split, text_key, piece[1], piece[2], limit, stats)
+
+
+def _read_piece(args) -> tuple[list[str], SplitStats]:
+  """Worker: every document (piece) of one unit of work and how many documents it split
+  (module level: picklable)."""
+  stats = SplitStats()
+  return list(_piece_documents(*args, stats)), stats
+
+
+def worker_pool(workers: int):
+  """A process pool for `iter_documents`, or None for workers <= 1. Made before anything starts
+  threads (prepare makes it first), it forks: workers start at once and inherit the imports;
+  in a process that already has other threads it spawns (forking those can deadlock)."""
+  if workers <= 1:
+    return None
+  single = threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+  return multiprocessing.get_context("fork" if single else "spawn").Pool(workers)
+
+
 def iter_documents(files: Sequence[str], *, txt_doc: str = "line", text_key: str = "text",
+                   hf_split: str = "train", pool=None, workers: int = 0,
                    max_doc_chars: int = DEFAULT_MAX_DOC_CHARS,
                    stats: Optional[SplitStats] = None) -> Iterator[str]:
-  """Non-empty documents of `files`, in order; a document longer than `max_doc_chars` comes
-  out as consecutive pieces of at most that length (0: no limit).
-
-  Text files are read `max_doc_chars` characters at a time, so a single 50 MB line never sits
-  in memory whole; a .jsonl line is parsed whole (JSON cannot be parsed in pieces).
-  """
+  """Non-empty documents of `files` (and `datasets` directories), in order; parsed in the
+  `workers` processes of `pool` (see `worker_pool`) when given. A document longer than
+  `max_doc_chars` comes out as consecutive pieces of at most that length (0: no limit), counted
+  in `stats`."""
+  pieces = _pieces(files, hf_split, text_key)
   limit = max_doc_chars
-  for path in files:
-    if os.path.getsize(path) == 0:
-      print(f"  warning: {path} is empty; skipped", file=sys.stderr)
-      continue
-    is_jsonl = path.endswith(JSONL_SUFFIXES)
-    with open(path, encoding="utf-8", errors="strict") as f:
-      try:
-        if not is_jsonl and txt_doc == "file":
-          yield from split_pieces(_file_chunks(f, limit), limit, stats)
-          continue
-        lineno = 0
-        while True:
-          line = f.readline(limit or -1) if not is_jsonl else f.readline()
-          if not line:
-            break
-          lineno += 1
-          if not is_jsonl:
-            yield from split_pieces(_line_chunks(f, line, limit), limit, stats)
-          elif line.strip():
-            yield from split_pieces([_jsonl_text(path, lineno, line, text_key)], limit, stats)
-      except UnicodeDecodeError as e:
-        raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+  if pool is None:
+    for piece in pieces:
+      yield from _piece_documents(piece, txt_doc, text_key, hf_split, limit, stats)
+    return
+  # Ordered, with at most 2 pieces per worker in flight (Pool.imap would read ahead without
+  # bound when the consumer, the dataset writer, is slower than the readers).
+  in_flight = 2 * max(1, workers)
+  todo = iter(pieces)
+  pending = [pool.apply_async(_read_piece, ((p, txt_doc, text_key, hf_split, limit),))
+             for _, p in zip(range(in_flight), todo)]
+  while pending:
+    docs, piece_stats = pending.pop(0).get()
+    nxt = next(todo, None)
+    if nxt is not None:
+      pending.append(pool.apply_async(_read_piece, ((nxt, txt_doc, text_key, hf_split, limit),)))
+    if stats is not None:
+      stats.add(piece_stats)
+    yield from docs
 
 
-def _progress(docs: Iterator[str], what: str, every: float = 5.0) -> Iterator[str]:
-  t0 = last = time.time()
+def _bar(total: Optional[int], what: str, unit: str):
+  """A tqdm progress bar on stderr (sparse updates when stderr is not a terminal)."""
+  from tqdm import tqdm
+  tty = sys.stderr.isatty()
+  return tqdm(total=total, desc=f"  {what}", unit=unit, mininterval=0.5 if tty else 30,
+              dynamic_ncols=True, file=sys.stderr)
+
+
+def _progress(docs: Iterator[str], what: str, total: Optional[int] = None) -> Iterator[str]:
   n = 0
-  for n, doc in enumerate(docs, 1):
-    if time.time() - last > every:
-      last = time.time()
-      print(f"  {what}: {n} documents ({n / (last - t0):.0f}/s)", flush=True)
-    yield doc
-  print(f"  {what}: {n} documents in {time.time() - t0:.1f}s", flush=True)
+  with _bar(total, what, "doc") as bar:
+    for n, doc in enumerate(docs, 1):
+      bar.update(1)
+      yield doc
+  print(f"  {what}: {n} documents", flush=True)
 
 
 def _make_builder_class(name: str):
@@ -211,8 +357,10 @@ def _make_builder_class(name: str):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Prepared by mta_jax.data.prepare."}
 
-    def __init__(self, *, documents, validation: set, description: str, **kwargs):
-      self._documents, self._validation, self._description = documents, validation, description
+    def __init__(self, *, documents, validation: np.ndarray, n: int, description: str,
+                 **kwargs):
+      self._documents, self._validation, self._n = documents, validation, n
+      self._description = description
       super().__init__(**kwargs)
 
     def _info(self):
@@ -223,14 +371,17 @@ def _make_builder_class(name: str):
 
     def _split_generators(self, dl_manager):
       splits = {"train": self._generate_examples(False)}
-      if self._validation:
+      if len(self._validation):
         splits["validation"] = self._generate_examples(True)
       return splits
 
     def _generate_examples(self, validation: bool):
       what = "validation" if validation else "train"
-      for i, doc in enumerate(_progress(self._documents(), f"writing {what}")):
-        if (i in self._validation) == validation:
+      val, j = self._validation, 0  # sorted indices; documents arrive in index order
+      for i, doc in enumerate(_progress(self._documents(), f"writing {what}", self._n)):
+        is_val = j < len(val) and val[j] == i
+        j += is_val
+        if is_val == validation:
           yield i, {"text": doc}
 
   # The dataset's name (its folder and file prefix) is the builder's class attribute.
@@ -240,7 +391,8 @@ def _make_builder_class(name: str):
 
 def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "line",
             text_key: str = "text", validation_fraction: float = 0.01, seed: int = 0,
-            overwrite: bool = False, max_doc_chars: int = DEFAULT_MAX_DOC_CHARS) -> str:
+            overwrite: bool = False, workers: int = 0, hf_split: str = "train",
+            max_doc_chars: int = DEFAULT_MAX_DOC_CHARS) -> str:
   """Writes the dataset; returns DATA_DIR/NAME/VERSION. Raises PrepareError on bad input."""
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
     raise PrepareError(f"--name={name!r} must be snake_case (lowercase letters, digits, '_'; "
@@ -249,13 +401,29 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
     raise PrepareError(f"--txt_doc={txt_doc!r} must be 'line' or 'file'.")
   if not 0.0 <= validation_fraction < 1.0:
     raise PrepareError(f"--validation_fraction={validation_fraction} must be in [0, 1).")
+  if workers < 0:
+    raise PrepareError(f"--workers={workers} must be >= 0 (0 = read in this process).")
   if max_doc_chars < 0 or 0 < max_doc_chars < 64:
     raise PrepareError(f"--max_doc_chars={max_doc_chars} must be 0 (no limit) or >= 64.")
+  _local_output(output)  # before reading anything
   files = expand_inputs(inputs)
-  print(f"reading {len(files)} file(s)", flush=True)
+  print(f"reading {len(files)} input(s)" + (f" with {workers} workers" if workers > 1 else ""),
+        flush=True)
+  pool = worker_pool(workers)
+  try:
+    return _prepare(files, inputs, output, name, txt_doc, text_key, validation_fraction, seed,
+                    overwrite, hf_split, pool, workers, max_doc_chars)
+  finally:
+    if pool is not None:
+      pool.terminate()
+
+
+def _prepare(files, inputs, output, name, txt_doc, text_key, validation_fraction, seed,
+             overwrite, hf_split, pool, workers, max_doc_chars) -> str:
   stats = SplitStats()
   documents = lambda s=None: iter_documents(  # noqa: E731
-      files, txt_doc=txt_doc, text_key=text_key, max_doc_chars=max_doc_chars, stats=s)
+      files, txt_doc=txt_doc, text_key=text_key, hf_split=hf_split, pool=pool,
+      workers=workers, max_doc_chars=max_doc_chars, stats=s)
   n = sum(1 for _ in _progress(documents(stats), "counting"))
   if stats.split_docs:
     print(f"  {stats.summary(max_doc_chars)}", flush=True)
@@ -268,9 +436,9 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
                        f"--validation_fraction={validation_fraction}; add text or set "
                        "--validation_fraction=0.")
   rng = np.random.default_rng(seed)
-  validation = set(rng.choice(n, size=n_val, replace=False).tolist()) if n_val else set()
+  validation = np.sort(rng.choice(n, size=n_val, replace=False)) if n_val else np.zeros(0, int)
 
-  data_dir = os.path.abspath(os.path.expanduser(output))
+  data_dir = _local_output(output)
   builder_cls = _make_builder_class(name)
   version_dir = os.path.join(data_dir, name, str(builder_cls.VERSION))
   if os.path.exists(version_dir):
@@ -281,7 +449,7 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
   desc = (f"{n} documents from {len(files)} file(s) (txt_doc={txt_doc}, text_key={text_key}, "
           f"max_doc_chars={max_doc_chars}); validation: {n_val} chosen with seed {seed}."
           + (f" {stats.summary(max_doc_chars)}." if stats.split_docs else ""))
-  builder = builder_cls(documents=documents, validation=validation, description=desc,
+  builder = builder_cls(documents=documents, validation=validation, n=n, description=desc,
                         data_dir=data_dir, file_format="array_record")
   import tensorflow_datasets as tfds
   with tempfile.TemporaryDirectory() as tmp:  # nothing is downloaded; keep data_dir clean
@@ -296,13 +464,27 @@ def prepare(inputs: Sequence[str], output: str, name: str, *, txt_doc: str = "li
   return version_dir
 
 
+def _local_output(output: str) -> str:
+  from mta_jax import paths
+  if paths.is_uri(output):
+    raise PrepareError(f"--output={output!r}: ArrayRecord files are written to local disk; "
+                       "write to a local directory and copy it (`gcloud storage cp -r DIR "
+                       "gs://...`), or to a gcsfuse mount of the bucket.")
+  data_dir = paths.resolve(output)
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise PrepareError(f"--output={output!r} is a file, not a directory.")
+  return data_dir
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m mta_jax.data.prepare",
-      description="Turn .txt / .jsonl files into a TFDS-compatible array_record dataset with "
-                  "train and validation splits (no TensorFlow needed).")
+      description="Turn .txt / .jsonl files (plain, .gz, .zst) or Hugging Face `datasets` "
+                  "directories into a TFDS-compatible array_record dataset with train and "
+                  "validation splits (no TensorFlow needed).")
   p.add_argument("--input", nargs="+", required=True,
-                 help="files, globs (quote them) or directories of .txt / .jsonl files")
+                 help="files, globs (quote them) or directories of .txt / .jsonl files "
+                      "(.gz / .zst too), or `datasets` save_to_disk directories")
   p.add_argument("--output", required=True, help="data dir; the dataset goes to OUTPUT/NAME/1.0.0")
   p.add_argument("--name", required=True, help="dataset name (snake_case), e.g. my_corpus")
   p.add_argument("--txt_doc", default="line", choices=("line", "file"),
@@ -317,6 +499,10 @@ def _parser() -> argparse.ArgumentParser:
                       f"with the rest; bounds memory too (default {DEFAULT_MAX_DOC_CHARS}; 0 = "
                       "keep documents whole)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+  p.add_argument("--workers", type=int, default=0,
+                 help="processes that read and parse the inputs (0 = this process)")
+  p.add_argument("--hf_split", default="train",
+                 help="split of a Hugging Face DatasetDict directory to read (default: train)")
   return p
 
 
@@ -325,8 +511,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   try:
     path = prepare(args.input, args.output, args.name, txt_doc=args.txt_doc,
                    text_key=args.text_key, validation_fraction=args.validation_fraction,
-                   seed=args.seed, overwrite=args.overwrite,
-                   max_doc_chars=args.max_doc_chars)
+                   seed=args.seed, overwrite=args.overwrite, workers=args.workers,
+                   hf_split=args.hf_split, max_doc_chars=args.max_doc_chars)
   except PrepareError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

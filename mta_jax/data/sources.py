@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from mta_jax.config import ConfigError
 
 _PREPARE_HINT = ("prepare it in array_record format, e.g. on a machine with TensorFlow: "
@@ -58,23 +60,35 @@ def open_tfds(name: str, split: str, data_dir: str = "", *, name_setting: str = 
                       "grain needs random access: " + _PREPARE_HINT.format(
                           name=name, data_dir=data_dir or "~/tensorflow_datasets")
                       + " (into another data dir, or delete the old files).")
-  return _data_source(builder, split, split_setting, f"TFDS dataset {name!r} ({where})")
+  src = _data_source(builder, split, split_setting, f"TFDS dataset {name!r} ({where})")
+  if data_dir:
+    _check_local(data_dir, dir_setting)
+  return src
 
 
 def resolve_prepared_dir(path: str, setting: str = "data.path") -> str:
   """DATA_DIR/NAME/VERSION (the folder holding dataset_info.json) from that folder or its
-  parent NAME folder (newest version)."""
+  parent NAME folder (newest version). Local or remote (read through etils.epath)."""
+  from mta_jax import storage
   if not path:
     raise ConfigError(f"{setting} is empty; give the directory written by "
                       "`python -m mta_jax.data.prepare`.")
   path = os.path.expanduser(path)
-  if not os.path.isdir(path):
-    raise ConfigError(f"{setting}={path!r}: no such directory; create it with "
+  d = storage.path(path)
+  try:
+    is_dir = d.is_dir()
+    if is_dir and (d / "dataset_info.json").is_file():
+      return path
+    versions = [c.name for c in d.iterdir() if (c / "dataset_info.json").is_file()] \
+        if is_dir else []
+  except Exception as e:  # noqa: BLE001 - remote file systems raise many types
+    raise ConfigError(f"{setting}={path!r} cannot be read ({type(e).__name__}: "
+                      f"{storage._first_line(e)}); check the path, the bucket and your "
+                      "credentials.") from None
+  if not is_dir:
+    what = "is a file, not a directory" if d.exists() else "no such directory"
+    raise ConfigError(f"{setting}={path!r}: {what}; create it with "
                       "`python -m mta_jax.data.prepare --input=... --output=...`.")
-  if os.path.isfile(os.path.join(path, "dataset_info.json")):
-    return path
-  versions = [d for d in os.listdir(path)
-              if os.path.isfile(os.path.join(path, d, "dataset_info.json"))]
   if not versions:
     raise ConfigError(f"{setting}={path!r} holds no prepared dataset (no dataset_info.json in "
                       "it or in a version folder below it); run `python -m mta_jax.data.prepare` "
@@ -101,7 +115,19 @@ def open_prepared(path: str, split: str, *, setting: str = "data.path",
   if fmt is None or getattr(fmt, "value", str(fmt)) != "array_record":
     raise ConfigError(f"{setting}={path!r} is in the {fmt} format; grain needs array_record "
                       "(prepare it again with `python -m mta_jax.data.prepare`).")
-  return _data_source(builder, split, split_setting, f"the dataset in {folder}")
+  src = _data_source(builder, split, split_setting, f"the dataset in {folder}")
+  _check_local(path, setting)
+  return src
+
+
+def _check_local(path: str, setting: str) -> None:
+  """ArrayRecord readers open local files only: a bucket is read through a gcsfuse mount."""
+  from mta_jax import paths
+  if paths.is_uri(path):
+    raise ConfigError(f"{setting}={path!r}: the dataset's metadata reads fine, but grain's "
+                      "ArrayRecord reader needs local files; mount the bucket with gcsfuse "
+                      "(e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`, see README) and "
+                      f"set {setting} to the path under the mount.")
 
 
 def check_text_key(source, text_key: str, setting: str = "data.text_key") -> None:
@@ -113,11 +139,44 @@ def check_text_key(source, text_key: str, setting: str = "data.text_key") -> Non
                       f"{sorted(row)}.")
 
 
+class ConcatSource:
+  """Several random-access sources one after the other (the eval split of a mixture)."""
+
+  def __init__(self, sources):
+    self.sources = list(sources)
+    self.ends = np.cumsum([len(s) for s in self.sources])
+
+  def __len__(self) -> int:
+    return int(self.ends[-1]) if len(self.ends) else 0
+
+  def __getitem__(self, i: int):
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    k = int(np.searchsorted(self.ends, i, side="right"))
+    return self.sources[k][i - (int(self.ends[k - 1]) if k else 0)]
+
+
+def open_mixture(cfg, split: str, split_setting: str) -> list[tuple[object, float]]:
+  """[(source, normalised weight)] of `split` of every dataset in data.mixture."""
+  from mta_jax.config import parse_mixture
+  d = cfg.data
+  out = []
+  for path, weight in parse_mixture(d.mixture):
+    src = open_prepared(path, split, setting="data.mixture", split_setting=split_setting)
+    check_text_key(src, d.text_key)
+    out.append((src, weight))
+  return out
+
+
 def open_source(cfg, split: str, split_setting: str):
-  """The configured text source (data.source 'tfds' or 'text') for `split`."""
+  """The configured text source (data.source 'tfds' or 'text') for `split`; a mixture's
+  datasets one after the other."""
   d = cfg.data
   if d.source == "tfds":
     src = open_tfds(d.tfds_name, split, d.tfds_data_dir, split_setting=split_setting)
+  elif d.source == "text" and d.mixture:
+    return ConcatSource(s for s, _ in open_mixture(cfg, split, split_setting))
   elif d.source == "text":
     src = open_prepared(d.path, split, split_setting=split_setting)
   else:

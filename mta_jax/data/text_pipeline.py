@@ -1,6 +1,8 @@
 """Real text: tokenize documents and pack them into rows with segment ids and positions.
 
 Train:  source -> shuffle(data.seed) -> repeat -> process slice [p::count] -> tokenize
+        (data.mixture: each dataset shuffled (data.seed + k) and repeated, then
+        grain's MapDataset.mix by weight, then the process slice)
         -> (first_fit: split / reject long documents) -> pack -> row format
         -> (data.shuffle_window > 1: shuffle rows in windows of that many rows)
 
@@ -126,13 +128,20 @@ def pack(docs: grain.IterDataset, cfg, rows_per_batch: int, train: bool) -> grai
 def train_documents(cfg, pi: int, pc: int, repeat: bool = True) -> grain.MapDataset:
   """This process's tokenized training documents (shuffled, repeated, sliced)."""
   d = cfg.data
-  src = sources.open_source(cfg, d.train_split, "data.train_split")
+  if d.mixture:  # each dataset shuffled and repeated, then interleaved by weight (by index)
+    parts = sources.open_mixture(cfg, d.train_split, "data.train_split")
+    ds = grain.MapDataset.mix([_shuffled(src, d, i, repeat) for i, (src, _) in enumerate(parts)],
+                              [w for _, w in parts])
+  else:
+    ds = _shuffled(sources.open_source(cfg, d.train_split, "data.train_split"), d, 0, repeat)
+  return ds[pi::pc].map(Tokenize(make_tokenizer(cfg), d.text_key))
+
+
+def _shuffled(src, d, k: int, repeat: bool) -> grain.MapDataset:
   ds = grain.MapDataset.source(src)
   if d.shuffle:
-    ds = ds.shuffle(seed=d.seed)
-  if repeat:
-    ds = ds.repeat()
-  return ds[pi::pc].map(Tokenize(make_tokenizer(cfg), d.text_key))
+    ds = ds.shuffle(seed=d.seed + k)
+  return ds.repeat() if repeat else ds
 
 
 def train_rows(cfg, pi: int, pc: int, repeat: bool = True) -> grain.IterDataset:
