@@ -33,7 +33,8 @@ def test_console_scripts_and_packages():
       continue
     mod = __import__(module, fromlist=[func])
     assert callable(getattr(mod, func)), name
-  assert set(proj["project"]["scripts"]) == {"mta-train", "mta-prepare", "mta-tokenizer"}
+  assert set(proj["project"]["scripts"]) == {"mta-train", "mta-prepare", "mta-tokenizer",
+                                             "mta-generate", "mta-sweep"}
   # Every package directory is listed (a new subpackage would otherwise be left out silently).
   found = {os.path.relpath(d, ROOT).replace(os.sep, ".")
            for d, _, files in os.walk(os.path.join(ROOT, "mta_jax")) if "__init__.py" in files}
