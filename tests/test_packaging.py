@@ -39,7 +39,9 @@ def test_console_scripts_and_packages():
   found = {os.path.relpath(d, ROOT).replace(os.sep, ".")
            for d, _, files in os.walk(os.path.join(ROOT, "mta_jax")) if "__init__.py" in files}
   listed = set(proj["tool"]["setuptools"]["packages"])
-  assert found | {"mta_jax.configs"} == listed
+  found |= {"mta_jax." + os.path.relpath(d, ROOT).replace(os.sep, ".")
+            for d, _, files in os.walk(os.path.join(ROOT, "configs")) if "__init__.py" in files}
+  assert found == listed
   assert proj["tool"]["setuptools"]["package-dir"] == {"mta_jax.configs": "configs"}
   assert {"tpu", "cuda12", "test"} <= set(proj["project"]["optional-dependencies"])
 
