@@ -52,21 +52,14 @@ class LeaseLostError(RuntimeError):
   """The lease this run held was removed or taken by another run."""
 
 
-def _pid_alive(pid: int, since: float) -> bool:
-  """True if `pid` runs on this host and was started before `since` (else the pid was reused)."""
-  try:
-    import psutil
-  except ImportError:  # pragma: no cover - psutil is in requirements.txt
-    try:
-      os.kill(pid, 0)
-    except ProcessLookupError:
-      return False
-    except PermissionError:
-      return True
-    return True
+def pid_alive(pid: int, since: Optional[float] = None) -> bool:
+  """True if `pid` runs on this host (and, given `since`, was started before it: otherwise the
+  pid was reused by another process)."""
+  import psutil
   try:
     p = psutil.Process(pid)
-    return p.status() != psutil.STATUS_ZOMBIE and p.create_time() <= since + 1.0
+    return (p.status() != psutil.STATUS_ZOMBIE
+            and (since is None or p.create_time() <= since + 1.0))
   except (psutil.NoSuchProcess, psutil.ZombieProcess):
     return False
   except psutil.AccessDenied:
@@ -135,7 +128,7 @@ class WorkdirLease:
         return True
       return age > self.stale_after_s
     if holder.get("host") == self.host and isinstance(holder.get("pid"), int):
-      return not _pid_alive(holder["pid"], float(holder.get("started") or 0))
+      return not pid_alive(holder["pid"], float(holder.get("started") or 0))
     beat = holder.get("heartbeat")
     return not isinstance(beat, (int, float)) or time.time() - beat > self.stale_after_s
 

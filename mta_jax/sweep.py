@@ -40,6 +40,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from mta_jax import lease
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = {  # name -> (how to read it from the final eval record, label, lower is better)
     "seq_error": (lambda r: 100.0 * r["seq_error"], "sequence error (%)"),
@@ -202,16 +204,6 @@ def is_done(wd: str) -> bool:
   return os.path.isfile(os.path.join(wd, "done.json"))
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def try_lock(wd: str) -> bool:
   """Claims a run for this runner (several `--launch=local` runners may share one sweep on one
   machine). False when another live runner holds it; a stale lock is taken over."""
@@ -225,7 +217,7 @@ def try_lock(wd: str) -> bool:
         pid = int(open(path).read().strip() or 0)
       except (OSError, ValueError):
         pid = 0
-      if pid and _pid_alive(pid):
+      if pid and lease.pid_alive(pid):
         return False
       os.remove(path)  # stale: its runner is gone
       continue
