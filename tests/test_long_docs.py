@@ -152,8 +152,14 @@ cfg = TrainConfig(model=ModelConfig(vocab_size=64, max_len=256), data=DataConfig
 it = make_train_iterator(cfg)
 for _ in range(20):
   next(it)
-print("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-      "seconds", round(time.time() - t0, 1))
+# VmHWM is this process's own peak: ru_maxrss would also count the parent's RSS at fork time
+# (Linux keeps it across exec), so a large pytest parent would hide what this script used.
+try:
+  with open("/proc/self/status") as f:
+    peak_mb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) // 1024
+except OSError:
+  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+print("peak_rss_mb", peak_mb, "seconds", round(time.time() - t0, 1))
 """
 
 GROWTH_MB = 100  # peak RSS may grow by at most this from a 1 MB line to a 50 MB line

@@ -117,6 +117,7 @@ def test_scan_rejects_depth_scaling():
     TransformerLM(_cfg(attention=a, scan_layers=True), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow  # five compiles (~40 s); `full` remat is also covered by test_model
 def test_remat_policies_give_the_same_gradients():
   tokens = _tokens()
   grads = {}
