@@ -377,7 +377,9 @@ class Checkpointer:
     try:
       self._hash_next()
     except Exception as e:  # noqa: BLE001 - a failure here must not fail the save itself
-      log.warning("could not write checkpoint checksums: %s", faults.one_line(e))
+      # A storage fault names the checkpoint directory (the OSError itself often has no path).
+      log.warning("could not write checkpoint checksums: %s",
+                  faults.describe(e, str(self.directory)) or faults.one_line(e))
 
   def verify_step(self, step: int) -> None:
     """CorruptCheckpointError if `step` does not match its checksums; a warning if it has none."""
