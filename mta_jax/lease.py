@@ -211,13 +211,17 @@ class WorkdirLease:
       except Exception as e:  # noqa: BLE001 - e.g. disk full: the loop's own writes report it
         log.warning("could not refresh the lease %s: %s", self.path, e)
 
-  def refresh(self) -> None:
-    """Check the lease is still ours and push its heartbeat; marks it lost otherwise."""
+  def _note_if_lost(self) -> None:
+    """Reads the lease file; sets `lost` (the reason) if it vanished or another run holds it."""
     rec = self.read()
     if rec is None:
       self.lost = f"the lease file {self.path} vanished (was the workdir deleted or moved?)"
     elif rec and rec.get("token") != self.token:
       self.lost = f"the lease {self.path} was taken by {describe(rec)}"
+
+  def refresh(self) -> None:
+    """Check the lease is still ours and push its heartbeat; marks it lost otherwise."""
+    self._note_if_lost()
     if self.lost:
       self._stop.set()
       return
@@ -235,11 +239,7 @@ class WorkdirLease:
     now = time.time()
     if not self.lost and self.held and now - self._checked > self.check_s:
       self._checked = now
-      rec = self.read()
-      if rec is None:
-        self.lost = f"the lease file {self.path} vanished (was the workdir deleted or moved?)"
-      elif rec and rec.get("token") != self.token:
-        self.lost = f"the lease {self.path} was taken by {describe(rec)}"
+      self._note_if_lost()
     if self.lost:
       raise LeaseLostError(f"{self.lost}; stopping so two runs never write one workdir.")
 
