@@ -15,7 +15,6 @@ after `max_new_tokens`. In Python:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -27,9 +26,10 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
-from mta_jax import decode
+from mta_jax import cli, decode
 from mta_jax.config import ConfigError, TrainConfig
 
 Array = jax.Array
@@ -298,26 +298,26 @@ def load(path: str, *, tokenizer: str = "", mesh=None) -> Loaded:
 # ---------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m mta_jax.generate", description=__doc__.split(
-      "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", required=True, help="training workdir or export directory")
-  p.add_argument("--prompt", action="append", default=[],
-                 help="a prompt (repeat for a batch); '' starts from BOS only")
-  p.add_argument("--prompt_file", default="", help="one prompt per line")
-  p.add_argument("--max_new_tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  p.add_argument("--top_k", type=int, default=0, help="0 = off")
-  p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1 = off")
-  p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--tokenizer", default="", help="override the recorded tokenizer file")
-  p.add_argument("--json", action="store_true", help="print one JSON object per completion")
-  return p
+_PROG = "python -m mta_jax.generate"
+_FLAGS = flags.FlagValues()  # this command's own (see mta_jax/cli.py)
+flags.DEFINE_string("model", None, "training workdir or export directory", flag_values=_FLAGS)
+flags.DEFINE_multi_string("prompt", [], "a prompt (repeat for a batch); '' starts from BOS only",
+                          flag_values=_FLAGS)
+flags.DEFINE_string("prompt_file", "", "one prompt per line", flag_values=_FLAGS)
+flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt", flag_values=_FLAGS)
+flags.DEFINE_float("temperature", 0.0, "0 = greedy (default)", flag_values=_FLAGS)
+flags.DEFINE_integer("top_k", 0, "0 = off", flag_values=_FLAGS)
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling; 1 = off", flag_values=_FLAGS)
+flags.DEFINE_multi_string("stop", [], "stop string (repeatable)", flag_values=_FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=_FLAGS)
+flags.DEFINE_string("tokenizer", "", "override the recorded tokenizer file", flag_values=_FLAGS)
+flags.DEFINE_bool("json", False, "print one JSON object per completion", flag_values=_FLAGS)
+flags.mark_flag_as_required("model", flag_values=_FLAGS)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-  args = _parser().parse_args(argv)
+def _main(rest: list[str]) -> int:
+  del rest
+  args = _FLAGS
   try:
     check_sampling(args.temperature, args.top_k, args.top_p)
     prompts = list(args.prompt)
@@ -349,6 +349,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   print(f"# {lm.source} step {lm.step}: {n} tokens in {dt:.1f}s (compilation included)",
         file=sys.stderr)
   return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  """`mta-generate` / `python -m mta_jax.generate`; `argv`: the arguments (tests)."""
+  return cli.run(_main, _FLAGS, argv, _PROG, __doc__)
 
 
 if __name__ == "__main__":

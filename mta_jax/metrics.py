@@ -17,8 +17,9 @@ import time
 import uuid
 
 import jax
+from absl import flags
 
-from mta_jax import storage
+from mta_jax import cli, storage
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -310,11 +311,31 @@ def compare(workdirs: list[str], out: str, labels: list[str] | None = None) -> s
   return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m mta_jax.metrics WORKDIR [WORKDIR ...] --out=cmp.png [--labels=a,b]
+# (absl flags on this command's own FlagValues: see mta_jax/cli.py)
+# ---------------------------------------------------------------------------------------------
+
+_FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "the PNG to write", flag_values=_FLAGS)
+flags.DEFINE_list("labels", None, "comma-separated legend labels, one per workdir "
+                  "(default: the workdirs' names)", flag_values=_FLAGS)
+flags.mark_flag_as_required("out", flag_values=_FLAGS)
+
+
+def _main(workdirs: list[str]) -> int:
+  if not workdirs:
+    raise cli.UsageError("name the run directories to plot side by side")
+  print(compare(workdirs, _FLAGS.out, _FLAGS.labels))
+  return 0
+
+
+def main(argv=None) -> int:
+  """`python -m mta_jax.metrics WORKDIR ... --out=cmp.png`; `argv`: the arguments (tests)."""
+  return cli.run(_main, _FLAGS, argv, "python -m mta_jax.metrics",
+                 "Plot runs side by side: python -m mta_jax.metrics WORKDIR [WORKDIR ...] "
+                 "--out=cmp.png [--labels=a,b]", positional=True)
+
+
 if __name__ == "__main__":
-  import argparse
-  parser = argparse.ArgumentParser(description="Plot runs side by side.")
-  parser.add_argument("workdirs", nargs="+")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--labels", nargs="*")
-  args = parser.parse_args()
-  print(compare(args.workdirs, args.out, args.labels))
+  sys.exit(main())

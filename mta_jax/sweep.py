@@ -25,7 +25,6 @@ Seeds set `seed` (initialisation) and `data.seed` (data order); a toy task's dat
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import importlib.util
@@ -40,7 +39,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from mta_jax import lease
+from absl import flags
+
+from mta_jax import cli, lease
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = {  # name -> (how to read it from the final eval record, label, lower is better)
@@ -404,14 +405,14 @@ def _plot(sweep: Sweep, seeds: int, out: str, summary: list[dict], label: str) -
 # ---------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m mta_jax.sweep", description=__doc__.split("\n")[0])
-  p.add_argument("sweep_file")
-  p.add_argument("--launch", choices=("local", "print", "collect"), default="local")
-  p.add_argument("--seeds", type=int, default=0, help="seeds per run (0: the sweep's default)")
-  p.add_argument("--out", default="runs/sweeps", help="root directory of sweep outputs")
-  p.add_argument("--only", default="", help="only runs whose name contains this string")
-  return p
+_PROG = "python -m mta_jax.sweep"
+_FLAGS = flags.FlagValues()  # this command's own (see mta_jax/cli.py)
+flags.DEFINE_enum("launch", "local", ["local", "print", "collect"],
+                  "local: run here, one at a time; print: one command per run; collect: tables "
+                  "only", flag_values=_FLAGS)
+flags.DEFINE_integer("seeds", 0, "seeds per run (0: the sweep's default)", flag_values=_FLAGS)
+flags.DEFINE_string("out", "runs/sweeps", "root directory of sweep outputs", flag_values=_FLAGS)
+flags.DEFINE_string("only", "", "only runs whose name contains this string", flag_values=_FLAGS)
 
 
 def _sigterm(signum, frame):
@@ -420,10 +421,13 @@ def _sigterm(signum, frame):
   raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-  args = _parser().parse_args(argv)
+def _main(rest: list[str]) -> int:
+  if len(rest) != 1:
+    raise cli.UsageError(f"give one sweep file (python -m mta_jax.sweep SWEEP_FILE [--flags]); "
+                         f"got {rest}")
+  args = _FLAGS
   try:
-    sweep = load_sweep(args.sweep_file)
+    sweep = load_sweep(rest[0])
     seeds = args.seeds or sweep.seeds
     if seeds < 1:
       raise SweepError(f"--seeds={args.seeds} must be >= 1.")
@@ -452,6 +456,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   print(f"sweep {sweep.name}: {len(summary)} configurations with results, {failures} failed "
         f"runs, {time.time() - t0:.0f}s; tables and PNGs in {os.path.join(out, sweep.name)}")
   return 1 if failures else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  """`mta-sweep` / `python -m mta_jax.sweep SWEEP_FILE`; `argv`: the arguments (tests)."""
+  return cli.run(_main, _FLAGS, argv, _PROG, __doc__, positional=True)
 
 
 if __name__ == "__main__":

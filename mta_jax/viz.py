@@ -21,6 +21,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from mta_jax import cli  # noqa: E402
 
 
 def plot_attention_maps(maps: Sequence, path: str, *, row: int = 0,
@@ -205,19 +208,25 @@ def plot_lines(series: dict, path: str, *, xlabel: str = "", ylabel: str = "",
   return _save(fig, path)
 
 
-def main(argv=None) -> int:
-  import argparse
+# ---------------------------------------------------------------------------------------------
+# Command line (absl flags on this command's own FlagValues: see mta_jax/cli.py)
+# ---------------------------------------------------------------------------------------------
+
+_FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "training workdir or export directory", flag_values=_FLAGS)
+flags.DEFINE_string("text", None, "the text whose attention is drawn", flag_values=_FLAGS)
+flags.DEFINE_string("out", "", "output directory (default: <model>/viz)", flag_values=_FLAGS)
+flags.DEFINE_integer("max_len", 64, "positions drawn (the first ones)", flag_values=_FLAGS)
+flags.DEFINE_string("tokenizer", "", "override the recorded tokenizer file", flag_values=_FLAGS)
+flags.mark_flags_as_required(["model", "text"], flag_values=_FLAGS)
+
+
+def _main(rest: list[str]) -> int:
+  del rest
   import sys
 
   import jax.numpy as jnp
-  p = argparse.ArgumentParser(prog="python -m mta_jax.viz", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", required=True, help="training workdir or export directory")
-  p.add_argument("--text", required=True, help="the text whose attention is drawn")
-  p.add_argument("--out", default="", help="output directory (default: <model>/viz)")
-  p.add_argument("--max_len", type=int, default=64, help="positions drawn (the first ones)")
-  p.add_argument("--tokenizer", default="")
-  args = p.parse_args(argv)
+  args = _FLAGS
   from mta_jax import generate
   from mta_jax.config import ConfigError
   try:
@@ -240,6 +249,11 @@ def main(argv=None) -> int:
       written.append(f)
   print("wrote " + ", ".join(written))
   return 0
+
+
+def main(argv=None) -> int:
+  """`python -m mta_jax.viz`; `argv`: the arguments (tests)."""
+  return cli.run(_main, _FLAGS, argv, "python -m mta_jax.viz", __doc__)
 
 
 def _save(fig, path: str) -> str:

@@ -30,7 +30,6 @@ pieces in flight; a progress bar shows files and documents.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import gzip
 import io
@@ -46,6 +45,9 @@ import types
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+from absl import flags
+
+from mta_jax import cli
 
 
 class PrepareError(ValueError):
@@ -476,43 +478,47 @@ def _local_output(output: str) -> str:
   return data_dir
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m mta_jax.data.prepare",
-      description="Turn .txt / .jsonl files (plain, .gz, .zst) or Hugging Face `datasets` "
-                  "directories into a TFDS-compatible array_record dataset with train and "
-                  "validation splits (no TensorFlow needed).")
-  p.add_argument("--input", nargs="+", required=True,
-                 help="files, globs (quote them) or directories of .txt / .jsonl files "
-                      "(.gz / .zst too), or `datasets` save_to_disk directories")
-  p.add_argument("--output", required=True, help="data dir; the dataset goes to OUTPUT/NAME/1.0.0")
-  p.add_argument("--name", required=True, help="dataset name (snake_case), e.g. my_corpus")
-  p.add_argument("--txt_doc", default="line", choices=("line", "file"),
-                 help=".txt files: one document per non-empty line (default) or per file")
-  p.add_argument("--text_key", default="text", help=".jsonl files: the text field")
-  p.add_argument("--validation_fraction", type=float, default=0.01,
-                 help="share of documents for the validation split (default 0.01; 0 = none)")
-  p.add_argument("--seed", type=int, default=0, help="seed of the validation choice")
-  p.add_argument("--max_doc_chars", type=int, default=DEFAULT_MAX_DOC_CHARS,
-                 help="documents longer than this many characters become consecutive pieces "
-                      "(cut at line, else word, boundaries) that the training shuffle mixes "
-                      f"with the rest; bounds memory too (default {DEFAULT_MAX_DOC_CHARS}; 0 = "
-                      "keep documents whole)")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-  p.add_argument("--workers", type=int, default=0,
-                 help="processes that read and parse the inputs (0 = this process)")
-  p.add_argument("--hf_split", default="train",
-                 help="split of a Hugging Face DatasetDict directory to read (default: train)")
-  return p
+# ---------------------------------------------------------------------------------------------
+# Command line (absl flags on this command's own FlagValues: see mta_jax/cli.py)
+# ---------------------------------------------------------------------------------------------
+
+_PROG = "python -m mta_jax.data.prepare"
+_FLAGS = flags.FlagValues()
+flags.DEFINE_multi_string(
+    "input", None, "files, globs (quote them) or directories of .txt / .jsonl files (.gz / .zst "
+    "too), or `datasets` save_to_disk directories; repeat the flag, or list more after it",
+    flag_values=_FLAGS)
+flags.DEFINE_string("output", None, "data dir; the dataset goes to OUTPUT/NAME/1.0.0",
+                    flag_values=_FLAGS)
+flags.DEFINE_string("name", None, "dataset name (snake_case), e.g. my_corpus", flag_values=_FLAGS)
+flags.DEFINE_enum("txt_doc", "line", ["line", "file"],
+                  ".txt files: one document per non-empty line (default) or per file",
+                  flag_values=_FLAGS)
+flags.DEFINE_string("text_key", "text", ".jsonl files: the text field", flag_values=_FLAGS)
+flags.DEFINE_float("validation_fraction", 0.01,
+                   "share of documents for the validation split (0 = none)", flag_values=_FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the validation choice", flag_values=_FLAGS)
+flags.DEFINE_integer(
+    "max_doc_chars", DEFAULT_MAX_DOC_CHARS,
+    "documents longer than this many characters become consecutive pieces (cut at line, else "
+    "word, boundaries) that the training shuffle mixes with the rest; bounds memory too (0 = "
+    "keep documents whole)", flag_values=_FLAGS)
+flags.DEFINE_bool("overwrite", False, "replace an existing dataset", flag_values=_FLAGS)
+flags.DEFINE_integer("workers", 0, "processes that read and parse the inputs (0 = this process)",
+                     flag_values=_FLAGS)
+flags.DEFINE_string("hf_split", "train",
+                    "split of a Hugging Face DatasetDict directory to read", flag_values=_FLAGS)
+flags.mark_flags_as_required(["input", "output", "name"], flag_values=_FLAGS)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-  args = _parser().parse_args(argv)
+def _main(rest: list[str]) -> int:
+  f = _FLAGS
   try:
-    path = prepare(args.input, args.output, args.name, txt_doc=args.txt_doc,
-                   text_key=args.text_key, validation_fraction=args.validation_fraction,
-                   seed=args.seed, overwrite=args.overwrite, workers=args.workers,
-                   hf_split=args.hf_split, max_doc_chars=args.max_doc_chars)
+    # Arguments after --input are more inputs (an unquoted glob the shell expanded).
+    path = prepare(f.input + rest, f.output, f.name, txt_doc=f.txt_doc, text_key=f.text_key,
+                   validation_fraction=f.validation_fraction, seed=f.seed,
+                   overwrite=f.overwrite, workers=f.workers, hf_split=f.hf_split,
+                   max_doc_chars=f.max_doc_chars)
   except PrepareError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -520,6 +526,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"--output=<prefix> --vocab_size=8000\n  train: --config.data.source=text "
         f"--config.data.path={path}")
   return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  """`mta-prepare` / `python -m mta_jax.data.prepare`; `argv`: the arguments (tests)."""
+  return cli.run(_main, _FLAGS, argv, _PROG, __doc__, positional=True)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,16 @@ record it (it is printed) next to results.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
 import sys
 import sysconfig
 from typing import Iterator, Optional
+
+from absl import flags
+
+from mta_jax import cli
 
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
                            "__pycache__"})
@@ -67,12 +70,17 @@ def documents(root: Optional[str] = None) -> Iterator[tuple[str, str]]:
 documents.skipped = 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m mta_jax.data.stdlib_docs",
-                              description=__doc__.split("\n")[0])
-  p.add_argument("--output", required=True, help="a .jsonl file: one {'text', 'path'} per module")
-  p.add_argument("--root", default="", help="library directory (default: this Python's stdlib)")
-  args = p.parse_args(argv)
+_FLAGS = flags.FlagValues()  # this command's own (see mta_jax/cli.py)
+flags.DEFINE_string("output", None, "a .jsonl file: one {'text', 'path'} per module",
+                    flag_values=_FLAGS)
+flags.DEFINE_string("root", "", "library directory (default: this Python's stdlib)",
+                    flag_values=_FLAGS)
+flags.mark_flag_as_required("output", flag_values=_FLAGS)
+
+
+def _main(rest: list[str]) -> int:
+  del rest
+  args = _FLAGS
   if not args.output.endswith(".jsonl"):
     print("error: --output must end in .jsonl (what mta_jax.data.prepare reads).",
           file=sys.stderr)
@@ -87,6 +95,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   print(f"wrote {n} documents ({chars:,} characters) from the standard library of Python "
         f"{sys.version.split()[0]} ({documents.skipped} files skipped) to {args.output}")
   return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  """`python -m mta_jax.data.stdlib_docs`; `argv`: the arguments (tests)."""
+  return cli.run(_main, _FLAGS, argv, "python -m mta_jax.data.stdlib_docs", __doc__)
 
 
 if __name__ == "__main__":

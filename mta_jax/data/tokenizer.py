@@ -26,7 +26,6 @@ Inspect any tokenizer file: `python -m mta_jax.data.tokenizer --inspect=PATH`.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import functools
 import json
@@ -37,7 +36,9 @@ import time
 from typing import Iterator, Optional
 
 import numpy as np
+from absl import flags
 
+from mta_jax import cli
 from mta_jax.config import ConfigError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -412,36 +413,6 @@ def _train(source, output_prefix, vocab_size, model_type, byte_fallback, charact
       print(f"  {stats.summary()}", flush=True)
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m mta_jax.data.tokenizer",
-      description="Train a sentencepiece tokenizer on the train split of a prepared dataset "
-                  "(python -m mta_jax.data.prepare) or of a TFDS array_record dataset.")
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--data", help="dataset directory written by mta_jax.data.prepare "
-                                  "(DATA_DIR/NAME or DATA_DIR/NAME/VERSION)")
-  src.add_argument("--tfds_name", help="a TFDS dataset prepared in array_record format")
-  src.add_argument("--inspect", metavar="PATH",
-                   help="print the kind, vocabulary size and BOS / EOS / pad ids of a tokenizer "
-                        "file (sentencepiece, tiktoken or tokenizer.json) and exit")
-  p.add_argument("--tfds_data_dir", default="", help="TFDS data_dir ('' = TFDS default)")
-  p.add_argument("--split", default="train", help="split to train on (default: train)")
-  p.add_argument("--text_key", default="text", help="text feature (default: text)")
-  p.add_argument("--output",
-                 help="output prefix: writes OUTPUT.model and OUTPUT.vocab")
-  p.add_argument("--vocab_size", type=int, default=8000)
-  p.add_argument("--model_type", default="unigram", choices=("unigram", "bpe", "char", "word"))
-  p.add_argument("--byte_fallback", action="store_true",
-                 help="unknown characters become UTF-8 byte pieces instead of <unk>")
-  p.add_argument("--character_coverage", type=float, default=0.9995)
-  p.add_argument("--max_docs", type=int, default=0, help="read at most this many documents "
-                                                          "(0 = all)")
-  p.add_argument("--max_sentences", type=int, default=2_000_000,
-                 help="sentencepiece input_sentence_size: lines sampled for training")
-  p.add_argument("--quiet", action="store_true", help="hide sentencepiece's progress log")
-  return p
-
-
 def inspect(path: str, sample: str = "Multi-Token Attention, 2025.") -> str:
   """A few lines describing the tokenizer file at `path`."""
   b = load(path, "--inspect")
@@ -451,9 +422,48 @@ def inspect(path: str, sample: str = "Multi-Token Attention, 2025.") -> str:
           f"\n  decodes back: {b.decode(ids) == sample}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-  parser = _parser()
-  args = parser.parse_args(argv)
+# ---------------------------------------------------------------------------------------------
+# Command line (absl flags on this command's own FlagValues: see mta_jax/cli.py)
+# ---------------------------------------------------------------------------------------------
+
+_PROG = "python -m mta_jax.data.tokenizer"
+_DESCRIPTION = ("Train a sentencepiece tokenizer on the train split of a prepared dataset "
+                "(python -m mta_jax.data.prepare) or of a TFDS array_record dataset; or "
+                "--inspect a tokenizer file.")
+_FLAGS = flags.FlagValues()
+flags.DEFINE_string("data", None, "dataset directory written by mta_jax.data.prepare "
+                    "(DATA_DIR/NAME or DATA_DIR/NAME/VERSION)", flag_values=_FLAGS)
+flags.DEFINE_string("tfds_name", None, "a TFDS dataset prepared in array_record format",
+                    flag_values=_FLAGS)
+flags.DEFINE_string("inspect", None, "print the kind, vocabulary size and BOS / EOS / pad ids "
+                    "of a tokenizer file (sentencepiece, tiktoken or tokenizer.json) and exit",
+                    flag_values=_FLAGS)
+flags.mark_flags_as_mutual_exclusive(["data", "tfds_name", "inspect"], required=True,
+                                     flag_values=_FLAGS)
+flags.DEFINE_string("tfds_data_dir", "", "TFDS data_dir ('' = TFDS default)", flag_values=_FLAGS)
+flags.DEFINE_string("split", "train", "split to train on", flag_values=_FLAGS)
+flags.DEFINE_string("text_key", "text", "text feature", flag_values=_FLAGS)
+flags.DEFINE_string("output", None, "output prefix: writes OUTPUT.model and OUTPUT.vocab",
+                    flag_values=_FLAGS)
+flags.DEFINE_integer("vocab_size", 8000, "vocabulary size", flag_values=_FLAGS)
+flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe", "char", "word"],
+                  "sentencepiece model type", flag_values=_FLAGS)
+flags.DEFINE_bool("byte_fallback", False,
+                  "unknown characters become UTF-8 byte pieces instead of <unk>",
+                  flag_values=_FLAGS)
+flags.DEFINE_float("character_coverage", 0.9995, "sentencepiece character_coverage",
+                   flag_values=_FLAGS)
+flags.DEFINE_integer("max_docs", 0, "read at most this many documents (0 = all)",
+                     flag_values=_FLAGS)
+flags.DEFINE_integer("max_sentences", 2_000_000,
+                     "sentencepiece input_sentence_size: lines sampled for training",
+                     flag_values=_FLAGS)
+flags.DEFINE_bool("quiet", False, "hide sentencepiece's progress log", flag_values=_FLAGS)
+
+
+def _main(rest: list[str]) -> int:
+  del rest
+  args = _FLAGS
   from mta_jax.config import ConfigError
   from mta_jax.data import sources
   if args.inspect:
@@ -464,7 +474,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       return 2
     return 0
   if not args.output:
-    parser.error("--output is required to train a tokenizer")
+    raise cli.UsageError("--output is required to train a tokenizer")
   try:
     if args.data:
       src = sources.open_prepared(args.data, args.split, setting="--data",
@@ -486,6 +496,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   print(f"wrote {path} (vocab size {vocab_size_of(path)}); use it with "
         f"--config.data.tokenizer={path}")
   return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  """`mta-tokenizer` / `python -m mta_jax.data.tokenizer`; `argv`: the arguments (tests)."""
+  return cli.run(_main, _FLAGS, argv, _PROG, _DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,14 @@ datasets on first use) or from YAML files under --include_path (local data works
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from typing import Optional
+
+from absl import flags
+
+from mta_jax import cli
 
 
 def run(model_path: str, tasks: list[str], *, include_path: str = "", num_fewshot=None,
@@ -30,18 +33,21 @@ def run(model_path: str, tasks: list[str], *, include_path: str = "", num_fewsho
                                  task_manager=tm, log_samples=False)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m mta_jax.evaluation.harness", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", required=True, help="training workdir or export directory")
-  p.add_argument("--tasks", required=True, help="comma-separated lm_eval task names")
-  p.add_argument("--include_path", default="", help="directory of extra task YAML files")
-  p.add_argument("--num_fewshot", type=int, default=None)
-  p.add_argument("--limit", type=float, default=None, help="examples per task (or fraction)")
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--tokenizer", default="", help="override the recorded tokenizer file")
-  p.add_argument("--output", default="", help="write the results JSON here")
-  args = p.parse_args(argv)
+_FLAGS = flags.FlagValues()  # this command's own (see mta_jax/cli.py)
+flags.DEFINE_string("model", None, "training workdir or export directory", flag_values=_FLAGS)
+flags.DEFINE_string("tasks", None, "comma-separated lm_eval task names", flag_values=_FLAGS)
+flags.DEFINE_string("include_path", '', "directory of extra task YAML files", flag_values=_FLAGS)
+flags.DEFINE_integer("num_fewshot", None, "few-shot examples (default: the task's)", flag_values=_FLAGS)
+flags.DEFINE_float("limit", None, "examples per task (or fraction)", flag_values=_FLAGS)
+flags.DEFINE_integer("batch_size", 8, "sequences scored per batch", flag_values=_FLAGS)
+flags.DEFINE_string("tokenizer", '', "override the recorded tokenizer file", flag_values=_FLAGS)
+flags.DEFINE_string("output", '', "write the results JSON here", flag_values=_FLAGS)
+flags.mark_flags_as_required(['model', 'tasks'], flag_values=_FLAGS)
+
+
+def _main(rest: list[str]) -> int:
+  del rest
+  args = _FLAGS
   from mta_jax.config import ConfigError
   try:
     res = run(args.model, [t for t in args.tasks.split(",") if t],
@@ -59,6 +65,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f, indent=1, default=str)
     print(f"wrote {args.output}")
   return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  """`python -m mta_jax.evaluation.harness`; `argv`: the arguments (tests)."""
+  return cli.run(_main, _FLAGS, argv, "python -m mta_jax.evaluation.harness", __doc__)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ needle count, by depth, mean log-likelihood of the answer) and needle.png (heat 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
+from absl import flags
+
+from mta_jax import cli
 
 CITIES = ("Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Delhi", "Rome", "Berlin", "Madrid",
           "Nairobi", "Seoul", "Lagos", "Dublin", "Vienna", "Quito", "Hanoi", "Athens", "Prague",
@@ -110,19 +112,22 @@ def plot(result: dict, path: str) -> str:
                                 f"{result['context_len']}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m mta_jax.evaluation.needle", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", required=True, help="training workdir or export directory")
-  p.add_argument("--context_len", type=int, default=0, help="0 = the model's max_len")
-  p.add_argument("--needles", default="2,4,6")
-  p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-  p.add_argument("--samples", type=int, default=10, help="questions per cell")
-  p.add_argument("--digits", type=int, default=6)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--tokenizer", default="")
-  p.add_argument("--out", default="", help="output directory (default: <model>/needle)")
-  args = p.parse_args(argv)
+_FLAGS = flags.FlagValues()  # this command's own (see mta_jax/cli.py)
+flags.DEFINE_string("model", None, "training workdir or export directory", flag_values=_FLAGS)
+flags.DEFINE_integer("context_len", 0, "0 = the model's max_len", flag_values=_FLAGS)
+flags.DEFINE_string("needles", '2,4,6', "comma-separated needle counts", flag_values=_FLAGS)
+flags.DEFINE_string("depths", '0,0.25,0.5,0.75,1', "comma-separated depths of the queried needle", flag_values=_FLAGS)
+flags.DEFINE_integer("samples", 10, "questions per cell", flag_values=_FLAGS)
+flags.DEFINE_integer("digits", 6, "digits of each needle's number", flag_values=_FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the haystacks and needles", flag_values=_FLAGS)
+flags.DEFINE_string("tokenizer", '', "override the recorded tokenizer file", flag_values=_FLAGS)
+flags.DEFINE_string("out", '', "output directory (default: <model>/needle)", flag_values=_FLAGS)
+flags.mark_flags_as_required(['model'], flag_values=_FLAGS)
+
+
+def _main(rest: list[str]) -> int:
+  del rest
+  args = _FLAGS
   from mta_jax import generate
   from mta_jax.config import ConfigError
   from mta_jax.evaluation import scoring
@@ -152,6 +157,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   print(f"accuracy {result['accuracy']:.3f}; by needles {result['by_needles']}; wrote "
         f"{out}/needle.json and {png}")
   return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  """`python -m mta_jax.evaluation.needle`; `argv`: the arguments (tests)."""
+  return cli.run(_main, _FLAGS, argv, "python -m mta_jax.evaluation.needle", __doc__)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ ppl_by_position.json and .png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -20,6 +19,9 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
+from absl import flags
+
+from mta_jax import cli
 
 
 def read_documents(path: str, max_docs: int = 0) -> list[str]:
@@ -62,17 +64,19 @@ def plot(result: dict, path: str) -> str:
                         title=f"perplexity by position ({result['documents']} documents)")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m mta_jax.evaluation.perplexity",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", required=True, help="training workdir or export directory")
-  p.add_argument("--text_file", required=True)
-  p.add_argument("--bucket", type=int, default=128)
-  p.add_argument("--max_docs", type=int, default=0)
-  p.add_argument("--tokenizer", default="")
-  p.add_argument("--out", default="", help="output directory (default: <model>/ppl_by_position)")
-  args = p.parse_args(argv)
+_FLAGS = flags.FlagValues()  # this command's own (see mta_jax/cli.py)
+flags.DEFINE_string("model", None, "training workdir or export directory", flag_values=_FLAGS)
+flags.DEFINE_string("text_file", None, ".jsonl file ('text' field) or text file (documents separated by blank lines)", flag_values=_FLAGS)
+flags.DEFINE_integer("bucket", 128, "positions per bucket", flag_values=_FLAGS)
+flags.DEFINE_integer("max_docs", 0, "read at most this many documents (0 = all)", flag_values=_FLAGS)
+flags.DEFINE_string("tokenizer", '', "override the recorded tokenizer file", flag_values=_FLAGS)
+flags.DEFINE_string("out", '', "output directory (default: <model>/ppl_by_position)", flag_values=_FLAGS)
+flags.mark_flags_as_required(['model', 'text_file'], flag_values=_FLAGS)
+
+
+def _main(rest: list[str]) -> int:
+  del rest
+  args = _FLAGS
   from mta_jax import generate
   from mta_jax.config import ConfigError
   from mta_jax.evaluation import scoring
@@ -97,6 +101,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"positions {r['start']:6d}-{r['end']:6d}: ppl {r['ppl']:10.3f} ({r['tokens']} tokens)")
   print(f"wrote {out}/ppl_by_position.json and {png}")
   return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  """`python -m mta_jax.evaluation.perplexity`; `argv`: the arguments (tests)."""
+  return cli.run(_main, _FLAGS, argv, "python -m mta_jax.evaluation.perplexity", __doc__)
 
 
 if __name__ == "__main__":
