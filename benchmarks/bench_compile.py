@@ -14,7 +14,6 @@ XLA's temporary memory per device.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
+from absl import flags  # noqa: E402
 
 
 def worker(cfg: dict) -> dict:
@@ -42,16 +42,18 @@ def worker(cfg: dict) -> dict:
   return {"wall_s": r.seconds, "cpu_s": r.cpu_seconds, "temp_mib": r.temporaries / 2**20}
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--layers", default="8,16,24,48")
-  p.add_argument("--family", default="mta")
-  p.add_argument("--impl", default="chunked")
-  p.add_argument("--topology", default="", help="e.g. v5e:2x2 (default: this host)")
-  p.add_argument("--timeout", type=float, default=3600)
-  p.add_argument("--out", default="")
-  p.add_argument("--worker", default="")
-  a = p.parse_args()
+# Flags (absl, see common.run).
+flags.DEFINE_string("layers", "8,16,24,48", "comma-separated depths")
+flags.DEFINE_string("family", "mta", "lm_tiny variant")
+flags.DEFINE_string("impl", "chunked", "attention.implementation")
+flags.DEFINE_string("topology", "", "e.g. v5e:2x2 (default: this host)")
+flags.DEFINE_float("timeout", 3600, "seconds per configuration")
+flags.DEFINE_string("out", "", "JSON output file")
+flags.DEFINE_string("worker", "", "internal: run one configuration (JSON) in this process")
+
+
+def main(argv) -> None:
+  a = common.flag_args(argv)
   if a.worker:
     import json
     common.emit_worker(worker, json.loads(a.worker))
@@ -83,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

@@ -16,7 +16,6 @@ Times are medians of CPU seconds (all threads) and wall seconds, in one process.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,17 +25,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
+from absl import flags  # noqa: E402
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--rows", type=int, default=256)
-  p.add_argument("--cols", type=int, default=2048)
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--skip-slow", action="store_true", help="skip conv_general_dilated and the "
-                 "autodiff shift-and-add (each takes seconds per call)")
-  p.add_argument("--out", default="benchmarks/results/conv.json")
-  args = p.parse_args()
+# Flags (absl, see common.run).
+flags.DEFINE_integer("rows", 256, "rows of the score matrix")
+flags.DEFINE_integer("cols", 2048, "columns of the score matrix")
+flags.DEFINE_integer("repeats", 5, "timed calls")
+flags.DEFINE_bool("skip-slow", False, "skip conv_general_dilated and the autodiff shift-and-add "
+                  "(each takes seconds per call)")
+flags.DEFINE_string("out", "benchmarks/results/conv.json", "JSON output file")
+
+
+def main(argv) -> None:
+  args = common.flag_args(argv)
 
   import jax
   import jax.numpy as jnp
@@ -107,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

@@ -22,7 +22,6 @@ rows). Each configuration runs in a fresh process; wall and process CPU time are
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
+from absl import flags  # noqa: E402
 
 
 def _model(cfg: dict):
@@ -124,17 +124,19 @@ def _rows(results: list[dict]) -> list[list]:
   return rows
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--lengths", default="512,2048,8192")
-  p.add_argument("--families", default="baseline,mta")
-  p.add_argument("--modes", default="incremental,recompute")
-  p.add_argument("--steps", type=int, default=30, help="timed decode steps per configuration")
-  p.add_argument("--repeats", type=int, default=2, help="timed full forwards (recompute)")
-  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               "results", "decode.json"))
-  p.add_argument("--worker", default="")
-  args = p.parse_args()
+# Flags (absl, see common.run).
+flags.DEFINE_string("lengths", "512,2048,8192", "comma-separated context lengths")
+flags.DEFINE_string("families", "baseline,mta", "comma-separated model families")
+flags.DEFINE_string("modes", "incremental,recompute", "comma-separated decode modes")
+flags.DEFINE_integer("steps", 30, "timed decode steps per configuration")
+flags.DEFINE_integer("repeats", 2, "timed full forwards (recompute)")
+flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                        "decode.json"), "JSON output file")
+flags.DEFINE_string("worker", "", "internal: run one configuration (JSON) in this process")
+
+
+def main(argv) -> None:
+  args = common.flag_args(argv)
   if args.worker:
     import json
     common.emit_worker(worker, json.loads(args.worker))
@@ -154,4 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

@@ -16,7 +16,6 @@ Each configuration runs in a fresh process; see common.py for how time and memor
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
+from absl import flags  # noqa: E402
 
 
 def worker(cfg: dict) -> dict:
@@ -72,25 +72,27 @@ def worker(cfg: dict) -> dict:
   return res
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--lengths", default="1024,2048")
-  p.add_argument("--variants", default="baseline,mta:chunked,mta:xla",
-                 help="family[:implementation], family in baseline|talking_heads|mta")
-  p.add_argument("--xla-max-len", type=int, default=1024,
-                 help="skip variants using the (slow) reference op above this length")
-  p.add_argument("--d-model", type=int, default=256)
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--head-dim", type=int, default=64)
-  p.add_argument("--vocab", type=int, default=8192)
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--timeout", type=float, default=1500.0, help="seconds per configuration")
-  p.add_argument("--quick", action="store_true", help="T = 512 and 2 repeats")
-  p.add_argument("--out", default="benchmarks/results/model.json")
-  p.add_argument("--worker", help=argparse.SUPPRESS)
-  args = p.parse_args()
+# Flags (absl, see common.run).
+flags.DEFINE_string("lengths", "1024,2048", "comma-separated sequence lengths")
+flags.DEFINE_string("variants", "baseline,mta:chunked,mta:xla",
+                    "family[:implementation], family in baseline|talking_heads|mta")
+flags.DEFINE_integer("xla-max-len", 1024,
+                     "skip variants using the (slow) reference op above this length")
+flags.DEFINE_integer("d-model", 256, "model width")
+flags.DEFINE_integer("layers", 4, "layers")
+flags.DEFINE_integer("heads", 4, "heads")
+flags.DEFINE_integer("head-dim", 64, "head dimension")
+flags.DEFINE_integer("vocab", 8192, "vocabulary size")
+flags.DEFINE_integer("batch", 1, "batch size")
+flags.DEFINE_integer("repeats", 3, "timed calls")
+flags.DEFINE_float("timeout", 1500.0, "seconds per configuration")
+flags.DEFINE_bool("quick", False, "T = 512 and 2 repeats")
+flags.DEFINE_string("out", "benchmarks/results/model.json", "JSON output file")
+flags.DEFINE_string("worker", None, "internal: run one configuration (JSON) in this process")
+
+
+def main(argv) -> None:
+  args = common.flag_args(argv)
   if args.worker:
     common.emit_worker(worker, json.loads(args.worker))
     return
@@ -129,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

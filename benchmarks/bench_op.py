@@ -26,7 +26,6 @@ what is counted for it (its causal skipping is real, so it is counted as done).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
+from absl import flags  # noqa: E402
 
 HEADS, HEAD_DIM, C_Q, C_K = 16, 64, 6, 11
 
@@ -158,29 +158,29 @@ def worker(cfg: dict) -> dict:
   return res
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--lengths", default="512,1024,2048,4096,8192")
-  p.add_argument("--impls", default="softmax,chunked,xla",
-                 help="softmax, splash (TPU), cudnn (GPU) and any name in "
-                      "mta_jax.implementations.IMPLEMENTATIONS")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="q, k, v dtype (cudnn needs bfloat16)")
-  p.add_argument("--baseline", default="softmax", help="the row the ratios divide by")
-  p.add_argument("--c-h", type=int, default=HEADS,
-                 help="heads per mixing group (pallas on TPU compiles with <= 4 for now)")
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--long-repeats", type=int, default=1, help="repeats for T >= 4096")
-  p.add_argument("--xla-max-len", type=int, default=1024,
-                 help="skip the (very slow) reference above this length")
-  p.add_argument("--mem-budget-gib", type=float, default=14.0,
-                 help="skip a configuration whose compiled temp memory exceeds this")
-  p.add_argument("--timeout", type=float, default=1500.0, help="seconds per configuration")
-  p.add_argument("--quick", action="store_true", help="T = 512, 1024 and 2 repeats")
-  p.add_argument("--out", default="benchmarks/results/op.json")
-  p.add_argument("--worker", help=argparse.SUPPRESS)
-  args = p.parse_args()
+# Flags (absl, see common.run).
+flags.DEFINE_string("lengths", "512,1024,2048,4096,8192", "comma-separated sequence lengths")
+flags.DEFINE_string("impls", "softmax,chunked,xla", "softmax, splash (TPU), cudnn (GPU) and any "
+                    "name in mta_jax.implementations.IMPLEMENTATIONS")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "q, k, v dtype (cudnn needs "
+                  "bfloat16)")
+flags.DEFINE_string("baseline", "softmax", "the row the ratios divide by")
+flags.DEFINE_integer("c-h", HEADS, "heads per mixing group (pallas on TPU compiles with <= 4 "
+                     "for now)")
+flags.DEFINE_integer("batch", 1, "batch size")
+flags.DEFINE_integer("repeats", 3, "timed calls")
+flags.DEFINE_integer("long-repeats", 1, "repeats for T >= 4096")
+flags.DEFINE_integer("xla-max-len", 1024, "skip the (very slow) reference above this length")
+flags.DEFINE_float("mem-budget-gib", 14.0,
+                   "skip a configuration whose compiled temp memory exceeds this")
+flags.DEFINE_float("timeout", 1500.0, "seconds per configuration")
+flags.DEFINE_bool("quick", False, "T = 512, 1024 and 2 repeats")
+flags.DEFINE_string("out", "benchmarks/results/op.json", "JSON output file")
+flags.DEFINE_string("worker", None, "internal: run one configuration (JSON) in this process")
+
+
+def main(argv) -> None:
+  args = common.flag_args(argv)
   if args.worker:
     common.emit_worker(worker, json.loads(args.worker))
     return
@@ -228,4 +228,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -165,3 +166,36 @@ def table(rows: list[list], header: list[str]) -> str:
   fmt = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
   sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
   return "\n".join([fmt(cells[0]), sep] + [fmt(r) for r in cells[1:]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: absl flags, as the mta_jax commands (each script defines its flags on absl's
+# global FLAGS: a benchmark is one script per process)
+# ---------------------------------------------------------------------------------------------
+
+
+def run(main) -> None:
+  """absl.app.run(main) with absl's INFO logs off (as train.py); a bad flag is one line and
+  exit status 2. Flags take `--name=value` or `--name value`."""
+  from absl import app, flags, logging
+
+  def parse(argv):
+    try:
+      rest = flags.FLAGS(argv)
+    except flags.Error as e:
+      print(f"{os.path.basename(argv[0])}: error: {e} (--help lists the flags)", file=sys.stderr)
+      sys.exit(2)
+    if not flags.FLAGS["verbosity"].present:
+      flags.FLAGS.verbosity = logging.WARNING
+    return rest
+
+  app.run(main, flags_parser=parse)
+
+
+def flag_args(argv) -> types.SimpleNamespace:
+  """The parsed flags as attributes (`--c-h` as `.c_h`); refuses positional arguments."""
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every argument is a --flag")
+  return types.SimpleNamespace(**{k.replace("-", "_"): v
+                                  for k, v in flags.FLAGS.flag_values_dict().items()})

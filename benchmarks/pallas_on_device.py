@@ -18,16 +18,18 @@ cudnn and chunked only.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
 from mta_jax import implementations  # noqa: E402
 
@@ -85,11 +87,14 @@ def check() -> bool:
   return ok
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--check-only", action="store_true")
-  p.add_argument("--lengths", default="1024,2048,4096,8192")
-  args = p.parse_args()
+# Flags (absl, see common.run).
+flags.DEFINE_bool("check-only", False, "only the exactness check, no timing table")
+flags.DEFINE_string("lengths", "1024,2048,4096,8192", "comma-separated lengths of the timing "
+                    "table")
+
+
+def main(argv) -> None:
+  args = common.flag_args(argv)
   backend = jax.default_backend()
   print(f"backend: {backend}, devices: {jax.devices()}", flush=True)
   ok = check() if backend == "tpu" else True
@@ -107,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

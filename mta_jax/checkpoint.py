@@ -3,28 +3,30 @@
 A run's workdir holds `checkpoints/<step>/` directories written by an Orbax CheckpointManager,
 each with four items:
 
-    params/      the model parameters (Orbax PyTree, sharded arrays)
-    opt_state/   every other field of the train state (optimizer moments, step counter, ...)
+    params/      TrainState.params: the model parameters (Orbax PyTree, sharded arrays)
+    opt_state/   {'step': TrainState.step, 'opt_state': TrainState.opt_state} (the optimizer
+                 moments and its own count)
     data_iter/   the data iterator's state, one JSON file per process (process_<i>-of-<n>.json)
     meta/        JSON: step, tokens seen, the resolved config, tokenizer, process/device counts
 
-Trees are stored as nested dicts keyed by their pytree path (nnx Variables unwrapped), so the
-on-disk layout does not depend on how the train state is spelled in Python. Restoring goes
-against the CURRENT run's abstract state and shardings: that is how a checkpoint written on one
-mesh / device count is read onto another.
+Trees are stored as nested dicts keyed by their pytree path (nnx Variables unwrapped).
+Restoring goes against the CURRENT run's abstract TrainState, whose ShapeDtypeStruct leaves carry
+the current mesh's shardings: that is how a checkpoint written on one mesh / device count is read
+onto another.
 
-Typical use in a training loop:
+Typical use in a training loop (train_lib.py):
 
     ckpt = Checkpointer(workdir, cfg)
-    restored = ckpt.restore_latest(abstract_state, state_shardings, data_iter)
+    restored = ckpt.restore_latest(abstract_state, data_iter)   # None in a fresh workdir
     if restored is not None:
       state, step, meta = restored
     while step < cfg.steps:
       state = train_step(state, next(data_iter)); step += 1
-      ckpt.maybe_save(step, state, data_iter, {"tokens_seen": ...})
-      if ckpt.should_stop(step):        # SIGTERM / preemption: maybe_save has saved this step
+      if ckpt.wants_save(step):         # the interval policy, or SIGTERM / preemption
+        ckpt.save(step, state, data_iter, {"tokens_seen": ...})
+      if ckpt.should_stop(step):
         break
-    ckpt.save(step, state, data_iter, meta, force=True)
+    ckpt.save(step, state, data_iter, meta)
     ckpt.close()                        # waits for async saves
 """
 
@@ -45,11 +47,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 
 from mta_jax import ckpt_integrity
 from mta_jax import config as config_lib
 from mta_jax import faults, paths, tree_io
+from mta_jax.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +90,20 @@ class IncompatibleCheckpointError(config_lib.ConfigError):
 # ---------------------------------------------------------------------------------------------
 
 
-def split_train_state(train_state) -> dict[str, Any]:
-  """{'params': ..., 'opt_state': {other fields}} from a dict / dataclass / nnx.State."""
-  if isinstance(train_state, Mapping):
-    fields = dict(train_state.items())
-  elif dataclasses.is_dataclass(train_state):
-    fields = {f.name: getattr(train_state, f.name) for f in dataclasses.fields(train_state)}
-  else:
-    raise TypeError(f"checkpoint: the train state must be a mapping or dataclass with a "
-                    f"'params' field; got {type(train_state).__name__}.")
-  if "params" not in fields:
-    raise TypeError(f"checkpoint: the train state has no 'params' field (fields: "
-                    f"{sorted(fields)}).")
-  params = fields.pop("params")
-  return {"params": params, "opt_state": fields}
+def _items(state: TrainState) -> dict[str, Any]:
+  """The two array items a TrainState is stored as (the layout in the module docstring)."""
+  if not isinstance(state, TrainState):
+    raise TypeError(f"checkpoint: expected a mta_jax.train_state.TrainState, got "
+                    f"{type(state).__name__}.")
+  return {"params": state.params, "opt_state": {"step": state.step, "opt_state": state.opt_state}}
+
+
+def _from_items(abstract: TrainState, restored: Mapping[str, Any]) -> TrainState:
+  """The TrainState of `abstract`'s structure (nnx Variables included) holding `restored`."""
+  items = _items(abstract)
+  params, rest = (tree_io.fill(items[k], tree_io.flatten(restored[k]))
+                  for k in ("params", "opt_state"))
+  return TrainState(step=rest["step"], params=params, opt_state=rest["opt_state"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,19 +310,15 @@ class Checkpointer:
         saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return json.loads(json.dumps(out, default=_json_default))
 
-  def save(self, step: int, train_state, data_iter=None, meta: Mapping | None = None, *,
-           force: bool = True) -> bool:
-    """Save `step` (async unless disabled). force=False applies the save policy."""
+  def save(self, step: int, state: TrainState, data_iter=None,
+           meta: Mapping | None = None) -> bool:
+    """Save `state` as `step` now (async unless disabled; `wants_save` applies the policy), with
+    the data iterator's position and `meta` (JSON). False if `step` is saved already."""
     step = int(step)
     if step in self._mngr.all_steps():
       return False
-    if not force and not self._mngr.should_save(step):
-      return False
-    parts = split_train_state(train_state)
-    items = dict(
-        params=ocp.args.StandardSave(tree_io.to_storable(parts["params"])),
-        opt_state=ocp.args.StandardSave(tree_io.to_storable(parts["opt_state"])),
-        meta=ocp.args.JsonSave(self._meta(step, meta)))
+    items = {k: ocp.args.StandardSave(tree_io.to_storable(v)) for k, v in _items(state).items()}
+    items["meta"] = ocp.args.JsonSave(self._meta(step, meta))
     state = _iter_state(data_iter)
     if state is not None:
       items["data_iter"] = DataIterSave(state)
@@ -337,7 +335,7 @@ class Checkpointer:
     return saved
 
   def wants_save(self, step: int) -> bool:
-    """True when `maybe_save` would save `step` (interval policy or a requested stop)."""
+    """True when `step` is due a save: the interval policy, or a requested stop (SIGTERM)."""
     step = int(step)
     if step in self._mngr.all_steps():
       return False
@@ -389,12 +387,6 @@ class Checkpointer:
                   "stopped before they were written); using it unverified.",
                   self.directory / str(step))
 
-  def maybe_save(self, step: int, train_state, data_iter=None,
-                 meta: Mapping | None = None) -> bool:
-    """Save when the interval policy says so, or when a stop was requested (SIGTERM)."""
-    stop = self.should_stop(step)
-    return self.save(step, train_state, data_iter, meta, force=stop)
-
   def _finish_at_exit(self) -> None:
     if not self._closed:
       self.close()
@@ -430,7 +422,7 @@ class Checkpointer:
   def stored_shapes(self, step: int, item: str) -> dict[tuple[str, ...], Any]:
     return tree_io.metadata_tree(self._mngr.item_metadata(step)[item])
 
-  def check_compatible(self, step: int, meta: Mapping, targets: Mapping[str, dict]) -> None:
+  def _check_compatible(self, step: int, meta: Mapping, targets: Mapping[str, dict]) -> None:
     """Refuse a checkpoint of another model: config fields first, then leaf shapes."""
     where = str(self.directory / str(step))
     stored_cfg = meta.get("config", {}).get("model")
@@ -446,7 +438,7 @@ class Checkpointer:
       raise_incompatible(where, tree_io.tree_shape_diff(self.stored_shapes(step, item),
                                                         tree_io.flatten(target), item))
 
-  def check_same_data(self, step: int, meta: Mapping) -> None:
+  def _check_same_data(self, step: int, meta: Mapping) -> None:
     """Refuse to resume onto other data (IncompatibleCheckpointError listing the differences)
     unless checkpoint.allow_data_change, which turns the refusal into a warning."""
     stored = meta.get("data_signature")
@@ -486,14 +478,13 @@ class Checkpointer:
         log.warning("could not move the unreadable checkpoint %s aside: %s", src, e)
     self._mngr.reload()
 
-  def restore_latest(self, abstract_train_state, shardings=None, data_iter=None):
+  def restore_latest(self, abstract: TrainState, data_iter=None
+                     ) -> tuple[TrainState, int, dict] | None:
     """Restore the newest readable checkpoint onto the current mesh.
 
     Args:
-      abstract_train_state: the train state with ShapeDtypeStruct (or array) leaves; same
-        structure as the states passed to `save`.
-      shardings: matching tree of jax Shardings for the CURRENT mesh (None: taken from the
-        abstract leaves, else a single device).
+      abstract: the run's TrainState with ShapeDtypeStruct (or array) leaves carrying the
+        CURRENT mesh's shardings (leaves without one go to a single device).
       data_iter: restored in place with `set_state` when it was saved by the same number of
         processes; otherwise it is left at its start and meta["data_restarted"] is True.
 
@@ -506,11 +497,7 @@ class Checkpointer:
     steps = sorted(self._mngr.all_steps(), reverse=True)
     if not steps:
       return None
-    parts = split_train_state(abstract_train_state)
-    sh_parts = (split_train_state(shardings) if shardings is not None
-                else {"params": None, "opt_state": None})
-    targets = {k: tree_io.abstract_storable(parts[k], sh_parts[k])
-               for k in ("params", "opt_state")}
+    targets = {k: tree_io.abstract_storable(v) for k, v in _items(abstract).items()}
     errors: list[str] = []
     bad: list[int] = []
     for step in steps:
@@ -522,9 +509,7 @@ class Checkpointer:
         errors.append(self._unreadable(step, e))
         bad.append(step)
         continue
-      state = _rebuild(abstract_train_state, {
-          "params": tree_io.fill(parts["params"], tree_io.flatten(restored["params"])),
-          "opt_state": tree_io.fill(parts["opt_state"], tree_io.flatten(restored["opt_state"]))})
+      state = _from_items(abstract, restored)
       for b in bad:  # newer than `step` and unreadable: move aside so the step can be re-saved
         self._quarantine(b)
       if errors:
@@ -542,9 +527,9 @@ class Checkpointer:
     is corrupt or unreadable, of another model, or (training) of other data."""
     self.verify_step(step)
     meta = dict(self.read_meta(step))
-    self.check_compatible(step, meta, targets)
+    self._check_compatible(step, meta, targets)
     if data_iter is not None:  # training continues the data stream: it must be the same
-      self.check_same_data(step, meta)
+      self._check_same_data(step, meta)
     same_processes = meta.get("process_count", 1) == jax.process_count()
     has_iter = (self.directory / str(step) / "data_iter").exists()
     want_iter = data_iter is not None and same_processes and has_iter
@@ -632,16 +617,6 @@ def _check_iter_state(state, where: str = "data_iter") -> None:
   elif isinstance(state, (list, tuple)):
     for i, v in enumerate(state):
       _check_iter_state(v, f"{where}[{i}]")
-
-
-def _rebuild(abstract_train_state, parts: Mapping[str, Any]):
-  params, others = parts["params"], parts["opt_state"]
-  if isinstance(abstract_train_state, Mapping):
-    fields = {"params": params, **others}
-    if isinstance(abstract_train_state, nnx.State):
-      return nnx.State(fields)
-    return type(abstract_train_state)(fields) if type(abstract_train_state) is not dict else fields
-  return dataclasses.replace(abstract_train_state, params=params, **others)
 
 
 def _json_default(x):

@@ -163,7 +163,7 @@ class TransformerLM(nnx.Module):
       self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs, param_dtype=pdt)
 
-  def _check_inputs(self, tokens_BxT, segment_ids, positions) -> Array:
+  def check_inputs(self, tokens_BxT, segment_ids, positions) -> Array:
     """Validates the call's arrays; returns positions (0..T-1 when None)."""
     if tokens_BxT.ndim != 2:
       raise ValueError(f"tokens must be [batch, length]; got shape {tokens_BxT.shape}.")
@@ -189,7 +189,7 @@ class TransformerLM(nnx.Module):
       positions: [B, T] per-document positions (None: 0..T-1).
       dropout_rng: a PRNG key enables attention dropout (training); None is deterministic.
     """
-    positions = self._check_inputs(tokens_BxT, segment_ids, positions)
+    positions = self.check_inputs(tokens_BxT, segment_ids, positions)
     dtype = jnp.dtype(self.cfg.dtype)
     x = constrain(self.embed(tokens_BxT, dtype), _ACT)
     apply = _BLOCK_APPLY[self.cfg.remat]
@@ -218,7 +218,7 @@ class TransformerLM(nnx.Module):
     """Every layer's attention weights [B, H, T, T] (float32), from one forward pass."""
     if self.cfg.scan_layers:
       return unrolled_model(self).attention_maps(tokens_BxT, segment_ids, positions)
-    positions = self._check_inputs(tokens_BxT, segment_ids, positions)
+    positions = self.check_inputs(tokens_BxT, segment_ids, positions)
     x = self.embed(tokens_BxT, jnp.dtype(self.cfg.dtype))
     maps = []
     for block in self.blocks:

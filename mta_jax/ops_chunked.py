@@ -244,6 +244,29 @@ def _mta_block(q_blk, k_blk, v_blk, seg_rows, seg_cols, rm_pre, rm_post, kq_pre,
 # ---------------------------------------------------------------------------------------------
 
 
+def _padded(q, k, v, segment_ids, *, halo: int, padded: int, c_q, c_qp):
+  """q, k, v as [B, H, T, D], queries with `halo` zero rows in front (rows above the sequence),
+  everything padded at the end to `padded` rows (whole blocks); the segment ids of query rows
+  and key columns and the conv row masks (c_q / c_qp None: that conv is off) padded alike."""
+  length = q.shape[1]
+  to_bhtd = lambda x: jnp.swapaxes(x, 1, 2)
+  qt = jnp.pad(to_bhtd(q), ((0, 0), (0, 0), (halo, padded - length), (0, 0)))
+  kt = jnp.pad(to_bhtd(k), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
+  vt = jnp.pad(to_bhtd(v), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
+
+  seg_q = seg_k = rm_pre = rm_post = None
+  if segment_ids is not None:
+    seg_k = jnp.pad(segment_ids, ((0, 0), (0, padded - length)), mode="edge")
+    seg_q = jnp.pad(seg_k, ((0, 0), (halo, 0)), mode="edge")  # front rows are masked anyway
+    pad_rm = lambda m: None if m is None else jnp.pad(  # None: a width-1 kernel
+        m, ((0, 0), (0, 0), (halo, padded - length)))
+    if c_q is not None:
+      rm_pre = pad_rm(ops.row_masks(segment_ids, c_q))
+    if c_qp is not None:
+      rm_post = pad_rm(ops.row_masks(segment_ids, c_qp))
+  return qt, kt, vt, seg_q, seg_k, rm_pre, rm_post
+
+
 def _mta_chunked(q, k, v, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
                  segment_ids, dropout_rate, dropout_rng, block=DEFAULT_BLOCK, conv="shift",
                  bands=DEFAULT_BANDS):
@@ -257,24 +280,10 @@ def _mta_chunked(q, k, v, *, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_m
   n_blocks = -(-length // block)
   padded = n_blocks * block
 
-  # [B, H, T, D], queries padded with `halo` zero rows in front (rows above the sequence) and
-  # everything padded at the end to a whole number of blocks.
-  to_bhtd = lambda x: jnp.swapaxes(x, 1, 2)
-  qt = jnp.pad(to_bhtd(q), ((0, 0), (0, 0), (halo, padded - length), (0, 0)))
-  kt = jnp.pad(to_bhtd(k), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
-  vt = jnp.pad(to_bhtd(v), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
-
-  seg_q = seg_k = rm_pre_all = rm_post_all = None
-  if segment_ids is not None:
-    seg_k = jnp.pad(segment_ids, ((0, 0), (0, padded - length)), mode="edge")
-    seg_q = jnp.pad(seg_k, ((0, 0), (halo, 0)), mode="edge")  # front rows are masked anyway
-    pad_rm = lambda m: None if m is None else jnp.pad(
-        m, ((0, 0), (0, 0), (halo, padded - length)))
-    if kq_kernel_pre is not None:
-      rm_pre_all = pad_rm(ops.row_masks(segment_ids, c_q))
-    if kq_kernel_post is not None:
-      rm_post_all = pad_rm(ops.row_masks(segment_ids, c_qp))
-
+  qt, kt, vt, seg_q, seg_k, rm_pre_all, rm_post_all = _padded(
+      q, k, v, segment_ids, halo=halo, padded=padded,
+      c_q=c_q if kq_kernel_pre is not None else None,
+      c_qp=c_qp if kq_kernel_post is not None else None)
   block_fn = jax.checkpoint(functools.partial(
       _mta_block, halo_pre=halo_pre, halo_post=halo_post, conv=conv_fn,
       dropout_rate=dropout_rate, out_dtype=jnp.float32), prevent_cse=False)

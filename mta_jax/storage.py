@@ -49,7 +49,7 @@ def check_dir(p, setting: str, *, create: bool = False) -> epath.Path:
     raise
   except Exception as e:  # noqa: BLE001 - each file system raises its own types
     raise ConfigError(f"{setting}={os.fspath(p)!r} cannot be {'written' if create else 'reached'}"
-                      f" ({type(e).__name__}: {_first_line(e)}); check the path, that the bucket "
+                      f" ({type(e).__name__}: {first_line(e)}); check the path, that the bucket "
                       "exists and your credentials (gs:// needs the gcsfs package: "
                       "pip install gcsfs).") from None
   return d
@@ -60,7 +60,8 @@ def ensure_dir(p, setting: str) -> epath.Path:
   return check_dir(p, setting, create=True)
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+  """The first line of an exception's message, at most 200 characters."""
   return (str(e).strip().splitlines() or [""])[0][:200]
 
 

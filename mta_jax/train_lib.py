@@ -29,7 +29,6 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +47,7 @@ from mta_jax import storage
 from mta_jax.config import TrainConfig
 from mta_jax.data.rows import ROW_KEYS
 from mta_jax.model import TransformerLM
+from mta_jax.train_state import TrainState
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,13 +57,6 @@ class NonFiniteLossError(FloatingPointError):
 # ---------------------------------------------------------------------------------------------
 # State
 # ---------------------------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: nnx.State
-  opt_state: nnx.State
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,8 +360,7 @@ class _Run:
 
 def _restore_or_init(run: _Run, abstract: TrainState, shardings: TrainState) -> None:
   cfg = run.cfg
-  restored = run.ckpt.restore_latest(_with_shardings(abstract, shardings), shardings,
-                                     run.data_iter)
+  restored = run.ckpt.restore_latest(_with_shardings(abstract, shardings), run.data_iter)
   if restored is None:
     run.state = create_state(cfg, shardings)
     run.start, run.fresh = 0, True
@@ -398,7 +390,7 @@ def _save(run: _Run, force: bool) -> bool:
   if not force and not run.ckpt.wants_save(run.step):
     return False
   _check_params_finite(run.step, run.state, run.cfg)
-  return run.ckpt.save(run.step, run.state, run.data_iter, run.meta, force=True)
+  return run.ckpt.save(run.step, run.state, run.data_iter, run.meta)
 
 
 def _train_loop(run: _Run, compiled, batch, eval_step, profiler: profiling.StepProfiler) -> None:
@@ -600,7 +592,7 @@ def evaluate_main(cfg: TrainConfig, workdir: str) -> dict:
   shardings = train_state_shardings(abstract, mesh)
   ckpt = checkpoint.Checkpointer(workdir, cfg, read_only=True)
   with jax.set_mesh(mesh):
-    restored = ckpt.restore_latest(_with_shardings(abstract, shardings), shardings, None)
+    restored = ckpt.restore_latest(_with_shardings(abstract, shardings))
     if restored is None:
       ckpt.close()
       raise checkpoint.CheckpointError(

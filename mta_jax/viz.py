@@ -100,7 +100,7 @@ def attention_stages(model, tokens_BxT, segment_ids=None, positions=None) -> lis
   import jax.numpy as jnp
 
   from mta_jax import ops
-  positions = model._check_inputs(tokens_BxT, segment_ids, positions)
+  positions = model.check_inputs(tokens_BxT, segment_ids, positions)
   x = model.embed(tokens_BxT, jnp.dtype(model.cfg.dtype))
   out = []
   get = lambda w: None if w is None else w[...]

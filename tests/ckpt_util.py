@@ -13,6 +13,7 @@ import tiny_mta
 from mta_jax import config as config_lib
 from mta_jax import sharding
 from mta_jax.model import TransformerLM
+from mta_jax.train_state import TrainState
 
 
 def tiny_config(**attention) -> config_lib.TrainConfig:
@@ -39,24 +40,29 @@ def _build(model_cfg, seed):
 
 
 def make_state(cfg: config_lib.TrainConfig, mesh, seed: int = 0):
-  """(state, shardings) with state = {'params', 'opt_state', 'step'} sharded on `mesh`."""
-  abstract, shardings = abstract_state(cfg, mesh)
+  """(state, shardings): a TrainState sharded on `mesh` and its tree of shardings."""
+  _, shardings = abstract_state(cfg, mesh)
   with jax.set_mesh(mesh):
     model, opt = _build(cfg.model, seed)
-    state = {"params": nnx.state(model, nnx.Param), "opt_state": nnx.state(opt),
-             "step": jnp.zeros((), jnp.int32)}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=nnx.state(model, nnx.Param),
+                       opt_state=nnx.state(opt))
     state = jax.device_put(state, shardings)
   return state, shardings
 
 
 def abstract_state(cfg: config_lib.TrainConfig, mesh):
+  """(abstract, shardings): the TrainState as ShapeDtypeStructs carrying their shardings on
+  `mesh` (what Checkpointer.restore_latest restores into), and the tree of shardings."""
   with jax.set_mesh(mesh):
     model, opt = nnx.eval_shape(lambda: _build(cfg.model, 0))
-  abstract = {"params": nnx.state(model, nnx.Param), "opt_state": nnx.state(opt),
-              "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  shardings = {"params": sharding.state_shardings(abstract["params"], mesh),
-               "opt_state": sharding.state_shardings(abstract["opt_state"], mesh),
-               "step": sharding.replicated(mesh)}
+  params, opt_state = nnx.state(model, nnx.Param), nnx.state(opt)
+  shardings = TrainState(step=sharding.replicated(mesh),
+                         params=sharding.state_shardings(params, mesh),
+                         opt_state=sharding.state_shardings(opt_state, mesh))
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=opt_state)
+  abstract = jax.tree.map(lambda sh, sub: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), sub), shardings, abstract)
   return abstract, shardings
 
 

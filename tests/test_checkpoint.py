@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from mta_jax import checkpoint, ckpt_integrity, sharding
+from mta_jax import checkpoint, ckpt_integrity, sharding, tree_io
 import ckpt_util as cu
 
 
@@ -34,7 +34,8 @@ def _save_steps(workdir, cfg, state, steps, data_iter=None):
   ck = checkpoint.Checkpointer(workdir, cfg)
   for s in steps:
     state = cu.perturb(state, 0.25)
-    ck.maybe_save(s, state, data_iter, {"tokens_seen": 100 * s})
+    if ck.wants_save(s):
+      ck.save(s, state, data_iter, {"tokens_seen": 100 * s})
   ck.close()
   return state
 
@@ -44,29 +45,29 @@ def test_round_trip_is_bitwise_and_meta_is_complete(tmp_path):
   mesh = _mesh(2, 2, 2)
   state, _ = cu.make_state(cfg, mesh)
   final = _save_steps(tmp_path, cfg, state, range(1, 5))
-  abstract, shardings = cu.abstract_state(cfg, mesh)
+  abstract, _ = cu.abstract_state(cfg, mesh)
   ck = checkpoint.Checkpointer(tmp_path, cfg)
-  restored, step, meta = ck.restore_latest(abstract, shardings)
+  restored, step, meta = ck.restore_latest(abstract)
   ck.close()
   assert step == 4
   # Adam count, mu, nu and the optimizer step all come back
-  assert len(jax.tree.leaves(restored["opt_state"])) == 2 * len(
-      jax.tree.leaves(restored["params"])) + 2
+  assert len(jax.tree.leaves(restored.opt_state)) == 2 * len(
+      jax.tree.leaves(restored.params)) + 2
   _assert_equal(restored, final)
   assert meta["tokens_seen"] == 400 and meta["step"] == 4
   assert meta["config"]["model"]["attention"]["pre_conv"] is True
   assert meta["process_count"] == 1 and meta["device_count"] == 8
   assert "tokenizer" in meta
-  leaf = restored["params"]["blocks"][0]["attn"]["wq"]
+  leaf = restored.params["blocks"][0]["attn"]["wq"]
   assert leaf.get_value().sharding.spec == sharding.logical_to_spec(
       ("embed", "heads", "head_dim"), leaf.get_value().shape, mesh)
 
 
 def test_fresh_workdir_restores_none(tmp_path):
   cfg = cu.tiny_config()
-  abstract, shardings = cu.abstract_state(cfg, _mesh(8, 1, 1))
+  abstract, _ = cu.abstract_state(cfg, _mesh(8, 1, 1))
   with checkpoint.Checkpointer(tmp_path, cfg) as ck:
-    assert ck.restore_latest(abstract, shardings) is None
+    assert ck.restore_latest(abstract) is None
 
 
 def test_retention_keeps_latest_k_plus_every_mth(tmp_path):
@@ -102,7 +103,7 @@ def test_restore_onto_another_mesh(tmp_path, src, dst):
   mesh = _mesh(*dst)
   abstract, shardings = cu.abstract_state(cfg, mesh)
   with checkpoint.Checkpointer(tmp_path, cfg) as ck:
-    restored, step, _ = ck.restore_latest(abstract, shardings)
+    restored, step, _ = ck.restore_latest(abstract)
   assert step == 2
   _assert_equal(restored, final)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
@@ -122,9 +123,9 @@ def test_data_iterator_resumes_where_it_was(tmp_path):
   _save_steps(tmp_path, cfg, state, [2], data_iter=it)
   expected = [next(it) for _ in range(3)]
   fresh = _grain_iter()
-  abstract, shardings = cu.abstract_state(cfg, mesh)
+  abstract, _ = cu.abstract_state(cfg, mesh)
   with checkpoint.Checkpointer(tmp_path, cfg) as ck:
-    _, _, meta = ck.restore_latest(abstract, shardings, fresh)
+    _, _, meta = ck.restore_latest(abstract, fresh)
   assert meta["data_restarted"] is False
   assert [next(fresh) for _ in range(3)] == expected
   assert seen[0] != expected[0]
@@ -146,9 +147,9 @@ def test_data_iterator_from_other_process_count_restarts_with_warning(tmp_path, 
             step_dir / "data_iter" / "process_0-of-2.json")
   ckpt_integrity.write(step_dir)  # as that run would have written them
   fresh = _grain_iter()
-  abstract, shardings = cu.abstract_state(cfg, mesh)
+  abstract, _ = cu.abstract_state(cfg, mesh)
   with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(tmp_path, cfg) as ck:
-    _, step, meta = ck.restore_latest(abstract, shardings, fresh)
+    _, step, meta = ck.restore_latest(abstract, fresh)
   assert step == 2 and meta["data_restarted"] is True
   assert "cannot follow" in caplog.text and "2 process" in caplog.text
   assert next(fresh) == next(_grain_iter())  # restarted from the beginning, deterministically
@@ -165,11 +166,11 @@ def test_incompatible_config_is_refused_naming_the_field(tmp_path, change, messa
   state, _ = cu.make_state(cfg, mesh)
   _save_steps(tmp_path, cfg, state, [2])
   other = cu.tiny_config(**change)
-  abstract, shardings = cu.abstract_state(other, mesh)
+  abstract, _ = cu.abstract_state(other, mesh)
   with checkpoint.Checkpointer(tmp_path, other) as ck:
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match=message.replace(
         "[", r"\[").replace("]", r"\]")):
-      ck.restore_latest(abstract, shardings)
+      ck.restore_latest(abstract)
   assert (tmp_path / "checkpoints" / "2").exists()  # refused, not quarantined
 
 
@@ -180,10 +181,10 @@ def test_shape_mismatch_without_config_is_refused(tmp_path):
   _save_steps(tmp_path, cfg, state, [2])
   other = cu.tiny_config()
   other.model.d_model = 32
-  abstract, shardings = cu.abstract_state(other, mesh)
+  abstract, _ = cu.abstract_state(other, mesh)
   with checkpoint.Checkpointer(tmp_path, other) as ck:
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match="model.d_model: checkpoint 16"):
-      ck.restore_latest(abstract, shardings)
+      ck.restore_latest(abstract)
 
 
 def test_restore_compatible_across_dtype_and_implementation(tmp_path):
@@ -194,9 +195,9 @@ def test_restore_compatible_across_dtype_and_implementation(tmp_path):
   other = cu.tiny_config(dropout=0.1)
   other.model.dtype = "bfloat16"
   other.model.remat = "full"
-  abstract, shardings = cu.abstract_state(other, mesh)
+  abstract, _ = cu.abstract_state(other, mesh)
   with checkpoint.Checkpointer(tmp_path, other) as ck:
-    restored, _, _ = ck.restore_latest(abstract, shardings)
+    restored, _, _ = ck.restore_latest(abstract)
   _assert_equal(restored, final)
 
 
@@ -220,9 +221,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   victim = _largest_file(tmp_path / "checkpoints" / "4" / "params")
   with open(victim, "r+b") as f:  # truncate the array data, as a kill mid-write would
     f.truncate(os.path.getsize(victim) // 2)
-  abstract, shardings = cu.abstract_state(cfg, mesh)
+  abstract, _ = cu.abstract_state(cfg, mesh)
   with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(tmp_path, cfg) as ck:
-    restored, step, _ = ck.restore_latest(abstract, shardings)
+    restored, step, _ = ck.restore_latest(abstract)
     assert step == 2
     _assert_equal(restored, good)
     assert ck.all_steps() == [2]
@@ -237,9 +238,9 @@ def test_corrupt_meta_falls_back(tmp_path, caplog):
   state, _ = cu.make_state(cfg, mesh)
   _save_steps(tmp_path, cfg, state, [2, 4])
   (tmp_path / "checkpoints" / "4" / "meta" / "metadata").write_text('{"step": 4, "conf')
-  abstract, shardings = cu.abstract_state(cfg, mesh)
+  abstract, _ = cu.abstract_state(cfg, mesh)
   with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(tmp_path, cfg) as ck:
-    _, step, _ = ck.restore_latest(abstract, shardings)
+    _, step, _ = ck.restore_latest(abstract)
   assert step == 2 and "falling back" in caplog.text
 
 
@@ -249,10 +250,10 @@ def test_no_readable_checkpoint_is_an_error(tmp_path):
   state, _ = cu.make_state(cfg, mesh)
   _save_steps(tmp_path, cfg, state, [2])
   (tmp_path / "checkpoints" / "2" / "meta" / "metadata").write_text("not json")
-  abstract, shardings = cu.abstract_state(cfg, mesh)
+  abstract, _ = cu.abstract_state(cfg, mesh)
   with checkpoint.Checkpointer(tmp_path, cfg) as ck:
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
-      ck.restore_latest(abstract, shardings)
+      ck.restore_latest(abstract)
   assert os.listdir(tmp_path / "checkpoints") == ["2"]  # nothing moved: a rerun fails the same
 
 
@@ -262,9 +263,9 @@ def test_checkpoint_without_iterator_state_restarts_the_stream_with_warning(tmp_
   state, _ = cu.make_state(cfg, mesh)
   _save_steps(tmp_path, cfg, state, [2], data_iter=None)
   fresh = _grain_iter()
-  abstract, shardings = cu.abstract_state(cfg, mesh)
+  abstract, _ = cu.abstract_state(cfg, mesh)
   with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(tmp_path, cfg) as ck:
-    _, step, meta = ck.restore_latest(abstract, shardings, fresh)
+    _, step, meta = ck.restore_latest(abstract, fresh)
   assert step == 2 and meta["data_restarted"] is True
   assert "holds no data-iterator state" in caplog.text
   assert next(fresh) == next(_grain_iter())
@@ -279,9 +280,9 @@ def test_half_written_tmp_directory_is_ignored(tmp_path, caplog):
   tmp = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1234567"
   (tmp / "params").mkdir(parents=True)
   (tmp / "params" / "_METADATA").write_text("{")
-  abstract, shardings = cu.abstract_state(cfg, mesh)
+  abstract, _ = cu.abstract_state(cfg, mesh)
   with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(tmp_path, cfg) as ck:
-    restored, step, _ = ck.restore_latest(abstract, shardings)
+    restored, step, _ = ck.restore_latest(abstract)
   assert step == 2
   _assert_equal(restored, final)
   assert "incomplete checkpoint" in caplog.text
@@ -293,10 +294,10 @@ def test_sigterm_requests_a_save_at_the_next_step_boundary(tmp_path):
   state, _ = cu.make_state(cfg, mesh)
   ck = checkpoint.Checkpointer(tmp_path, cfg)
   try:
-    assert not ck.maybe_save(3, state) and not ck.should_stop(3)
+    assert not ck.wants_save(3) and not ck.should_stop(3)
     os.kill(os.getpid(), signal.SIGTERM)
     assert ck.should_stop(4)
-    assert ck.maybe_save(4, state)
+    assert ck.wants_save(4) and ck.save(4, state)
     assert ck.should_stop(5)
   finally:
     ck.close()
@@ -321,25 +322,18 @@ def test_ctrl_c_saves_like_sigterm_and_a_second_one_aborts(tmp_path, capsys):
   assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_train_state_as_dataclass(tmp_path):
-  import dataclasses
-
-  @dataclasses.dataclass
-  class TS:
-    params: object
-    opt_state: object
-    step: object
-
-  jax.tree_util.register_dataclass(TS, data_fields=["params", "opt_state", "step"],
-                                   meta_fields=[])
+def test_on_disk_layout_of_the_train_state(tmp_path):
+  # The layout old checkpoints have: params/ holds TrainState.params, opt_state/ holds
+  # {'step': TrainState.step, 'opt_state': TrainState.opt_state}, keyed by pytree path.
   cfg = cu.tiny_config()
-  mesh = _mesh(2, 2, 2)
-  state, shardings = cu.make_state(cfg, mesh)
-  abstract, _ = cu.abstract_state(cfg, mesh)
-  state, abstract, shardings = TS(**state), TS(**abstract), TS(**shardings)
+  state, _ = cu.make_state(cfg, _mesh(8, 1, 1))
   with checkpoint.Checkpointer(tmp_path, cfg) as ck:
     ck.save(7, state)
-  with checkpoint.Checkpointer(tmp_path, cfg) as ck:
-    restored, step, _ = ck.restore_latest(abstract, shardings)
-  assert isinstance(restored, TS) and step == 7
-  _assert_equal(restored, state)
+  with checkpoint.Checkpointer(tmp_path, read_only=True) as ck:
+    params, rest = ck.stored_shapes(7, "params"), ck.stored_shapes(7, "opt_state")
+  assert set(params) == set(tree_io.flatten(state.params))
+  assert ("step",) in rest and set(rest) - {("step",)} == {
+      ("opt_state",) + p for p in tree_io.flatten(state.opt_state)}
+  assert ("blocks", "0", "attn", "wq") in params and rest[("step",)].shape == ()
+  with checkpoint.Checkpointer(tmp_path, cfg) as ck, pytest.raises(TypeError, match="TrainState"):
+    ck.save(8, {"params": state.params, "opt_state": state.opt_state, "step": state.step})

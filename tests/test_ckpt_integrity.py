@@ -50,10 +50,10 @@ def _copy(saved, tmp_path):
 
 
 def _restore(workdir, saved, read_only=False):
-  abstract, shardings = cu.abstract_state(saved["cfg"], saved["mesh"])
+  abstract, _ = cu.abstract_state(saved["cfg"], saved["mesh"])
   it = _iterator()
   with checkpoint.Checkpointer(workdir, saved["cfg"], read_only=read_only) as ck:
-    restored, step, _ = ck.restore_latest(abstract, shardings, it)
+    restored, step, _ = ck.restore_latest(abstract, it)
   return restored, step, next(it)
 
 
@@ -136,21 +136,21 @@ def test_malformed_checksum_file_is_corruption(tmp_path):
 
 def test_resume_on_other_data_is_refused_listing_differences(saved, tmp_path, caplog):
   import dataclasses
-  abstract, shardings = cu.abstract_state(saved["cfg"], saved["mesh"])
+  abstract, _ = cu.abstract_state(saved["cfg"], saved["mesh"])
   other = dataclasses.replace(saved["cfg"])
   other.data = dataclasses.replace(other.data, seed=7, packing="first_fit")
   with checkpoint.Checkpointer(saved["root"], other, read_only=True) as ck:
     with pytest.raises(checkpoint.IncompatibleCheckpointError) as e:
-      ck.restore_latest(abstract, shardings, _iterator())
+      ck.restore_latest(abstract, _iterator())
     assert "data.seed: checkpoint 0, current 7" in str(e.value)
     assert "data.packing: checkpoint 'concat', current 'first_fit'" in str(e.value)
     assert "allow_data_change" in str(e.value)
-    _, step, _ = ck.restore_latest(abstract, shardings, None)  # eval: any data is fine
+    _, step, _ = ck.restore_latest(abstract, None)  # eval: any data is fine
     assert step == 4
   other.checkpoint = dataclasses.replace(other.checkpoint, allow_data_change=True)
   with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(
       saved["root"], other, read_only=True) as ck:
-    _, step, _ = ck.restore_latest(abstract, shardings, _iterator())
+    _, step, _ = ck.restore_latest(abstract, _iterator())
   assert step == 4 and "allow_data_change=True" in caplog.text
 
 

@@ -48,7 +48,7 @@ def test_export_layout_and_load_exported(tmp_path):
   assert ex.step == 6 and ex.tokenizer == os.path.join(out, "tokenizer.model")
   assert ex.config.model == cfg.model
   # Same parameters as the checkpoint, and a model that runs.
-  want = tree_io.flatten(state["params"])
+  want = tree_io.flatten(state.params)
   from flax import nnx
   got = tree_io.flatten(nnx.state(ex.model, nnx.Param))
   assert set(got) == set(want)
@@ -86,7 +86,7 @@ def test_load_exported_onto_a_mesh(tmp_path):
   w = ex.model.blocks[0].attn.wq[...]
   assert w.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   np.testing.assert_array_equal(jax.device_get(w),
-                                jax.device_get(state["params"]["blocks"][0]["attn"]["wq"][...]))
+                                jax.device_get(state.params["blocks"][0]["attn"]["wq"][...]))
 
 
 def test_missing_export_path_is_a_clear_error(tmp_path):
@@ -142,5 +142,5 @@ def test_export_through_train_py(tmp_path):
   assert ex.step == 6 and ex.config.model.param_dtype == "bfloat16"
   np.testing.assert_array_equal(
       np.asarray(ex.model.embed.embedding[...], np.float32),
-      np.asarray(jnp.asarray(state["params"]["embed"]["embedding"][...]).astype(jnp.bfloat16),
+      np.asarray(jnp.asarray(state.params["embed"]["embedding"][...]).astype(jnp.bfloat16),
                  np.float32))

@@ -40,14 +40,14 @@ def _retrofit_model(source, mta_cfg, mesh):
   with jax.set_mesh(mesh):
     model = nnx.eval_shape(lambda: TransformerLM(mta_cfg.model, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(model, nnx.Param)
-    params = retrofit.retrofit(str(source), mta_cfg, abstract["params"], shardings["params"])
+    params = retrofit.retrofit(str(source), mta_cfg, abstract.params, shardings.params)
   return nnx.merge(graphdef, params), params
 
 
 def _baseline_model(cfg, state):
   model = nnx.eval_shape(lambda: TransformerLM(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(model, nnx.Param)
-  return nnx.merge(graphdef, state["params"])
+  return nnx.merge(graphdef, state.params)
 
 
 @pytest.mark.parametrize("from_export", [False, True])
@@ -67,7 +67,7 @@ def test_retrofit_first_step_loss_equals_baseline(tmp_path, from_export):
   assert got == want, (got, want)
   # Every baseline weight is carried over bitwise, every MTA weight is identity.
   flat = tree_io.flatten(params)
-  for p, v in tree_io.flatten(state["params"]).items():
+  for p, v in tree_io.flatten(state.params).items():
     np.testing.assert_array_equal(jax.device_get(flat[p]), jax.device_get(v))
   kq = jax.device_get(flat[("blocks", "1", "attn", "kq_pre")])
   assert kq.shape == (4, 2, 3) and kq.sum() == 4 and np.all(kq[:, 1, 1] == 1)
@@ -95,7 +95,7 @@ def test_retrofit_refuses_a_different_base_model(tmp_path):
   mta_cfg.model.n_heads = 2
   abstract, shardings = cu.abstract_state(mta_cfg, mesh)
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match="model.n_heads: checkpoint 4"):
-    retrofit.retrofit(str(workdir), mta_cfg, abstract["params"], shardings["params"])
+    retrofit.retrofit(str(workdir), mta_cfg, abstract.params, shardings.params)
 
 
 def test_retrofit_refuses_to_drop_weights(tmp_path):
@@ -109,18 +109,18 @@ def test_retrofit_refuses_to_drop_weights(tmp_path):
   abstract, shardings = cu.abstract_state(base, mesh)
   with pytest.raises(checkpoint.IncompatibleCheckpointError,
                      match=r"blocks.0.attn.gate_b: in checkpoint \(shape \(\)\) but not in the current model"):
-    retrofit.retrofit(str(tmp_path / "mta" / "checkpoints" / "1"), base, abstract["params"],
-                    shardings["params"])
+    retrofit.retrofit(str(tmp_path / "mta" / "checkpoints" / "1"), base, abstract.params,
+                    shardings.params)
 
 
 def test_retrofit_bad_source_is_a_clear_error(tmp_path):
   cfg = cu.tiny_config()
   abstract, shardings = cu.abstract_state(cfg, sharding.make_mesh(8, 1, 1))
   with pytest.raises(export.ExportError, match="does not exist"):
-    retrofit.retrofit(str(tmp_path / "missing"), cfg, abstract["params"])
+    retrofit.retrofit(str(tmp_path / "missing"), cfg, abstract.params)
   (tmp_path / "empty").mkdir()
   with pytest.raises(export.ExportError, match="neither an export"):
-    retrofit.retrofit(str(tmp_path / "empty"), cfg, abstract["params"])
+    retrofit.retrofit(str(tmp_path / "empty"), cfg, abstract.params)
 
 
 def test_retrofit_through_train_py(tmp_path):

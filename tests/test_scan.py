@@ -147,12 +147,12 @@ def test_checkpoint_does_not_restore_across_layouts(tmp_path):
   mesh = sharding.make_mesh(8, 1, 1)
   state, _ = cu.make_state(cfg, mesh)
   with checkpoint.Checkpointer(tmp_path, cfg) as ck:
-    ck.save(1, state, None, {}, force=True)
+    ck.save(1, state)
   scanned = cu.tiny_config()
   scanned.model.scan_layers = True
-  abstract, shardings = cu.abstract_state(scanned, mesh)
+  abstract, _ = cu.abstract_state(scanned, mesh)
   with checkpoint.Checkpointer(tmp_path, scanned) as ck:
     with pytest.raises(checkpoint.IncompatibleCheckpointError,
                        match=r"(?s)model.scan_layers: checkpoint False, current True.*"
                              r"do not convert between the scanned and unrolled"):
-      ck.restore_latest(abstract, shardings)
+      ck.restore_latest(abstract)

@@ -83,7 +83,7 @@ def resolve_prepared_dir(path: str, setting: str = "data.path") -> str:
         if is_dir else []
   except Exception as e:  # noqa: BLE001 - remote file systems raise many types
     raise ConfigError(f"{setting}={path!r} cannot be read ({type(e).__name__}: "
-                      f"{storage._first_line(e)}); check the path, the bucket and your "
+                      f"{storage.first_line(e)}); check the path, the bucket and your "
                       "credentials.") from None
   if not is_dir:
     what = "is a file, not a directory" if d.exists() else "no such directory"
