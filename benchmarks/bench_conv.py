@@ -37,38 +37,40 @@ flags.DEFINE_bool("skip-slow", False, "skip conv_general_dilated and the autodif
 flags.DEFINE_string("out", "benchmarks/results/conv.json", "JSON output file")
 
 
-def main(argv) -> None:
-  args = common.flag_args(argv)
+HEADS, D, C_Q, C_K = 16, 64, 6, 11
+SLOW = ("conv: conv_general_dilated", "conv: shift-and-add, autodiff")
 
+
+def _fwd_bwd(f, xs, key):
+  """jit(f's forward + its VJP of a random cotangent). Output materialised and a random
+  cotangent pulled back: a scalar loss like sum(f * c) would let XLA fuse the whole conv into a
+  (slow, unvectorised) reduction loop."""
+  import jax
+  ct = jax.random.normal(key, jax.eval_shape(f, *xs).shape)
+
+  @jax.jit
+  def step(*a):
+    out, vjp = jax.vjp(f, *a)
+    return out, vjp(ct)
+  return step
+
+
+def _candidates(r: int, c: int) -> dict:
+  """{name: (function, its arguments)} on a [1, HEADS, r, c] score slab."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from mta_jax import ops, ops_chunked
 
-  heads, d, c_q, c_k = 16, 64, 6, 11
-  r, c = args.rows, args.cols
   keys = jax.random.split(jax.random.PRNGKey(0), 6)
-  x = jax.random.normal(keys[0], (1, heads, r + c_q - 1, c))
-  w = jax.random.normal(keys[1], (heads, c_q, c_k))
-  mix = jax.random.normal(keys[2], (1, heads, heads))
-  q = jax.random.normal(keys[3], (1, heads, r, d))
-  k = jax.random.normal(keys[4], (1, heads, c, d))
-  q_wide = jax.random.normal(keys[3], (1, heads, r, c_q * d))
-  k_wide = jax.random.normal(keys[4], (1, heads, c, c_q * d))
-  sl = x[:, :, c_q - 1:]  # a [1, 16, rows, keys] slab for head mixing
-
-  def fb(f, *xs):
-    # Output materialised and a random cotangent pulled back: a scalar loss like sum(f * c)
-    # would let XLA fuse the whole conv into a (slow, unvectorised) reduction loop.
-    ct = jax.random.normal(keys[5], jax.eval_shape(f, *xs).shape)
-
-    @jax.jit
-    def step(*a):
-      out, vjp = jax.vjp(f, *a)
-      return out, vjp(ct)
-    return step
-
-  cands = {
+  x = jax.random.normal(keys[0], (1, HEADS, r + C_Q - 1, c))
+  w = jax.random.normal(keys[1], (HEADS, C_Q, C_K))
+  mix = jax.random.normal(keys[2], (1, HEADS, HEADS))
+  q = jax.random.normal(keys[3], (1, HEADS, r, D))
+  k = jax.random.normal(keys[4], (1, HEADS, c, D))
+  q_wide = jax.random.normal(keys[3], (1, HEADS, r, C_Q * D))
+  k_wide = jax.random.normal(keys[4], (1, HEADS, c, C_Q * D))
+  sl = x[:, :, C_Q - 1:]  # a [1, 16, rows, keys] slab for head mixing
+  return {
       "conv: conv_general_dilated": (lambda x, w: ops_chunked.xla_conv(x, w, None), (x, w)),
       "conv: shift-and-add, autodiff": (
           lambda x, w: ops_chunked.shift_conv_autodiff(x, w, None), (x, w)),
@@ -81,15 +83,22 @@ def main(argv) -> None:
       "head mix: 5-D einsum (ops.head_mix)": (ops.head_mix, (sl, mix)),
       "head mix: 2-D GEMM (head_mix_2d)": (ops_chunked.head_mix_2d, (sl, mix)),
   }
-  slow = ("conv: conv_general_dilated", "conv: shift-and-add, autodiff")
+
+
+def main(argv) -> None:
+  args = common.flag_args(argv)
+  import jax
+  import numpy as np
+
+  r, c = args.rows, args.cols
   results = []
-  for name, (f, xs) in cands.items():
-    if args.skip_slow and name in slow:
+  for name, (f, xs) in _candidates(r, c).items():
+    if args.skip_slow and name in SLOW:
       continue
-    step = fb(f, *xs)
+    step = _fwd_bwd(f, xs, jax.random.split(jax.random.PRNGKey(0), 6)[5])
     jax.block_until_ready(step(*xs))
     walls, cpus = [], []
-    for _ in range(args.repeats if name not in slow else 2):
+    for _ in range(args.repeats if name not in SLOW else 2):
       t0, c0 = time.perf_counter(), time.process_time()
       jax.block_until_ready(step(*xs))
       walls.append(time.perf_counter() - t0)
@@ -101,10 +110,10 @@ def main(argv) -> None:
   qk = next(x for x in results if x["name"].startswith("q.k"))
   rows = [[x["name"], f"{x['cpu_s'] * 1e3:.0f}", f"{x['wall_s'] * 1e3:.0f}",
            f"{x['cpu_s'] / qk['cpu_s']:.1f}"] for x in results]
-  print(f"slab [1, {heads}, {r}, {c}], forward + backward")
+  print(f"slab [1, {HEADS}, {r}, {c}], forward + backward")
   print(common.table(rows, ["candidate", "cpu ms", "wall ms", "cpu / q.k"]))
   common.write_json(args.out, {"machine": common.machine(), "argv": sys.argv,
-                               "slab": [1, heads, r, c], "results": results})
+                               "slab": [1, HEADS, r, c], "results": results})
   print(f"wrote {args.out}")
 
 
