@@ -272,6 +272,7 @@ def _output_kernel(plan, names, *refs):
     acc = acc_ref[...]
     if not plan.has_post:
       acc = acc / refs["l"][...][:, :, :1]
+      refs["lse_out"][...] = refs["m"][...] + jnp.log(refs["l"][...])
     refs["out"][...] = acc.astype(refs["out"].dtype)
 
 
@@ -347,7 +348,8 @@ def lse_call(plan, qw, kw, segs, weights, *, interpret: bool):
 
 
 def output_call(plan, qw, kw, vb, segs, weights, lse, *, out_dtype, interpret: bool):
-  """Pass 2 / the online pass -> [B, H, n_q * block_q, D] in out_dtype."""
+  """Pass 2 / the online pass -> (out [B, H, n_q * block_q, D] in out_dtype, and for the
+  online pass its log-sum-exp [B, H, n_q, block_q, LANES] (lane-broadcast), else None)."""
   hp, sq = plan.heads_per_program, pl.squeezed
   specs, names, kj = _common_specs(plan, segs, weights)
   specs.append(pl.BlockSpec((sq, hp, plan.block_k, plan.head_dim),
@@ -368,14 +370,24 @@ def output_call(plan, qw, kw, vb, segs, weights, lse, *, out_dtype, interpret: b
   scratch += mix_shapes
   scratch_names += mix_names
   out_shape = (plan.batch, plan.heads, plan.n_q * plan.block_q, plan.head_dim)
-  return pl.pallas_call(
-      functools.partial(_output_kernel, plan, names + ["out"] + scratch_names),
+  out_specs = [pl.BlockSpec((sq, hp, plan.block_q, plan.head_dim),
+                            lambda b, g, i, j: (b, g, i, 0))]
+  out_shapes = [jax.ShapeDtypeStruct(out_shape, out_dtype)]
+  out_names = ["out"]
+  if lse is None:  # the online pass also returns its log-sum-exp (for the backward kernels)
+    out_specs.append(pl.BlockSpec((sq, hp, sq, plan.block_q, LANES),
+                                  lambda b, g, i, j: (b, g, i, 0, 0)))
+    out_shapes.append(jax.ShapeDtypeStruct(
+        (plan.batch, plan.heads, plan.n_q, plan.block_q, LANES), jnp.float32))
+    out_names.append("lse_out")
+  outs = pl.pallas_call(
+      functools.partial(_output_kernel, plan, names + out_names + scratch_names),
       grid=_grid(plan),
       in_specs=specs,
-      out_specs=pl.BlockSpec((sq, hp, plan.block_q, plan.head_dim),
-                             lambda b, g, i, j: (b, g, i, 0)),
-      out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+      out_specs=out_specs,
+      out_shape=out_shapes,
       scratch_shapes=scratch,
       compiler_params=pltpu.CompilerParams(**_PARAMS),
       interpret=interpret,
   )(*args)
+  return outs[0], (outs[1] if lse is None else None)
