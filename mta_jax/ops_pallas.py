@@ -191,9 +191,10 @@ def _flat_weights(kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post):
 
 
 def pallas_forward(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
-                   segment_ids, *, block_q: int, block_k: int, interpret: bool):
-  """The fused forward -> (out [B, T, H, D] in q's dtype, lse [B, H, T] float32 of the online
-  pass, or None with post-softmax ops)."""
+                   segment_ids, *, block_q: int, block_k: int, interpret: bool,
+                   out_dtype=None):
+  """The fused forward -> (out [B, T, H, D] in out_dtype (default q's), lse [B, H, T] float32
+  of the online pass, or None with post-softmax ops)."""
   plan = make_plan(q, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids,
                    block_q=block_q, block_k=block_k, lane_align=1 if interpret else pk.LANES)
   qw, kw, vb, segs = _prepare(plan, q, k, v, segment_ids)
@@ -201,7 +202,8 @@ def pallas_forward(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mi
   lse = None
   if plan.has_post:
     lse = pk.lse_call(plan, qw, kw, segs, weights, interpret=interpret)
-  out, lse_online = pk.output_call(plan, qw, kw, vb, segs, weights, lse, out_dtype=q.dtype,
+  out, lse_online = pk.output_call(plan, qw, kw, vb, segs, weights, lse,
+                                   out_dtype=out_dtype or q.dtype,
                                    interpret=interpret)  # [B, H, n_q * block_q, D]
   if lse_online is not None:
     b, h = lse_online.shape[:2]
@@ -290,12 +292,15 @@ def _mta_pallas_vjp(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_m
 
 def _vjp_fwd(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids,
              block_q, block_k):
-  out, lse = _on_platform(pallas_forward, q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre,
-                          head_mix_post, segment_ids, block_q=block_q, block_k=block_k)
   res = (q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
-  if kernel_backward_covers(kq_kernel_post, head_mix_post):
-    res = res + (out, lse)
-  return out, res
+  if not kernel_backward_covers(kq_kernel_post, head_mix_post):
+    out, _ = _on_platform(pallas_forward, *res, block_q=block_q, block_k=block_k)
+    return out, res
+  # The backward's D = rowsum(dout * out) uses the float32 output: rounding it to bf16 first
+  # would double the gradient error of bf16 inputs (the reference differentiates in float32).
+  out32, lse = _on_platform(pallas_forward, *res, block_q=block_q, block_k=block_k,
+                            out_dtype=jnp.float32)
+  return out32.astype(q.dtype), res + (out32, lse)
 
 
 def _vjp_bwd(block_q, block_k, res, g):

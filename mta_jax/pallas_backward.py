@@ -23,6 +23,10 @@ sums are reduced outside (XLA).
 Two kernels, as in flash attention: `dq` (grid b, g, i, j; keys innermost) accumulates dQ and
 the weight-gradient partials of query block i; `dkv` (grid b, g, j, i; queries innermost)
 accumulates dK and dV of key block j. Both recompute the tile.
+
+Precision: dS stays float32 in the dQ / dK matmuls (bf16 q / k are widened), as in the xla
+reference's own gradient; rounding dS to bf16 first (as softmax flash kernels do) doubles the
+gradient error of bf16 inputs. P is rounded to v's dtype for dV, as the forward rounds it for A V.
 """
 
 from __future__ import annotations
@@ -272,8 +276,7 @@ def _dq_kernel(bp, names, *refs):
 
     def on_ds(h, ds):
       k_own = refs["k"][h][k_lo:k_lo + bp.block_k]
-      refs["dq_acc"][h] = refs["dq_acc"][h] + _dot(ds.astype(k_own.dtype), k_own,
-                                                   ((1,), (0,)))
+      refs["dq_acc"][h] = refs["dq_acc"][h] + _dot(ds, k_own.astype(jnp.float32), ((1,), (0,)))
     _tile_ds(bp, refs, tile, head0, on_p=lambda o, p: None, on_ds=on_ds, weight_grads=True)
 
   @pl.when(j == pl.num_programs(3) - 1)
@@ -307,7 +310,7 @@ def _dkv_kernel(bp, names, *refs):
 
     def on_ds(h, ds):
       q_own = refs["q"][h][hr:hr + bq]
-      refs["dk_acc"][h] = refs["dk_acc"][h] + _dot(ds.T.astype(q_own.dtype), q_own,
+      refs["dk_acc"][h] = refs["dk_acc"][h] + _dot(ds.T, q_own.astype(jnp.float32),
                                                    ((1,), (0,)))
     _tile_ds(bp, refs, tile, head0, on_p=on_p, on_ds=on_ds, weight_grads=False)
 
@@ -391,6 +394,7 @@ def dq_call(bp, windows, segs, weights, *, dq_dtype, interpret: bool):
   mix_shapes, mix_names = _mix_scratch(bp)
   outs = pl.pallas_call(
       functools.partial(_dq_kernel, bp, names + out_names + scratch_names + mix_names),
+      name="mta_dq",
       grid=grid, in_specs=specs, out_specs=out_specs, out_shape=out_shapes,
       scratch_shapes=scratch + mix_shapes,
       compiler_params=pltpu.CompilerParams(**_PARAMS), interpret=interpret,
@@ -411,6 +415,7 @@ def dkv_call(bp, windows, segs, weights, *, dk_dtype, dv_dtype, interpret: bool)
   mix_shapes, mix_names = _mix_scratch(bp)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, bp, names + ["dk", "dv", "dk_acc", "dv_acc"] + mix_names),
+      name="mta_dkv",
       grid=grid, in_specs=specs, out_specs=[spec, spec],
       out_shape=[shape(dk_dtype), shape(dv_dtype)], scratch_shapes=[acc, acc] + mix_shapes,
       compiler_params=pltpu.CompilerParams(**_PARAMS), interpret=interpret,

@@ -337,6 +337,7 @@ def lse_call(plan, qw, kw, segs, weights, *, interpret: bool):
   mix_shapes, mix_names = _mix_scratch(plan, with_post=False)
   return pl.pallas_call(
       functools.partial(_lse_kernel, plan, names + ["lse", "m", "l"] + mix_names),
+      name="mta_lse",
       grid=_grid(plan),
       in_specs=specs,
       out_specs=pl.BlockSpec((sq, hp, sq, rows, LANES), lambda b, g, i, j: (b, g, i, 0, 0)),
@@ -382,6 +383,7 @@ def output_call(plan, qw, kw, vb, segs, weights, lse, *, out_dtype, interpret: b
     out_names.append("lse_out")
   outs = pl.pallas_call(
       functools.partial(_output_kernel, plan, names + out_names + scratch_names),
+      name="mta_output",
       grid=_grid(plan),
       in_specs=specs,
       out_specs=out_specs,

@@ -13,6 +13,7 @@ import re
 import zlib
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,10 +33,14 @@ def _register(block_q, block_k):
 
 
 CASES = [
-    # (b, t, pre (c_q, c_k), post, c_h, mix, segments)
+    # (b, t, pre (c_q, c_k), post, c_h, mix, segments). Without post ops the gradient comes
+    # from the Pallas backward kernels, with them from the chunked VJP.
     (2, 19, (3, 5), (2, 3), 2, "both", True),       # every stage, two passes, packed docs
     (1, 21, (6, 11), None, H, "pre", False),        # paper-size pre conv, online softmax
     (1, 17, None, (2, 3), 1, "post", True),         # post only (c_h = 1: identity-size mix)
+    (2, 19, (3, 5), None, 2, "pre", True),          # backward kernels: conv, mixing, packed
+    pytest.param((1, 23, (6, 11), None, None, None, True), marks=pytest.mark.slow),
+    pytest.param((2, 26, (4, 7), None, 4, "pre", True), marks=pytest.mark.slow),
     pytest.param((2, 23, (6, 11), (6, 11), H, "both", True), marks=pytest.mark.slow),
     pytest.param((1, 13, (1, 11), (6, 1), None, None, True), marks=pytest.mark.slow),
     pytest.param((1, 16, (2, 3), None, 2, "pre", True), marks=pytest.mark.slow),
@@ -98,6 +103,60 @@ def test_bfloat16_inputs_as_accurate_as_the_reference():
   err, ref_err = np.abs(got - want).max(), np.abs(ref - want).max()
   assert err <= 1.5 * ref_err + 1e-6, (err, ref_err)
   assert ref_err > 0  # the comparison is meaningful: bf16 rounding is visible
+
+
+def _pallas_calls(fn, *args):
+  """Names of the Pallas kernels in fn's jaxpr (each appears once per platform branch)."""
+  names = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        names.append(eqn.params["name"])
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return sorted(set(names))
+
+
+@pytest.mark.parametrize("post,want", [
+    (False, ["mta_dkv", "mta_dq", "mta_output"]),
+    (True, ["mta_lse", "mta_output"]),  # post ops: the backward is the chunked VJP
+])
+def test_gradient_uses_backward_kernels_exactly_without_post_ops(post, want):
+  (q, k, v), (kp, kpo, mp, _), _ = _inputs(3, 1, 12, (2, 3), (2, 3) if post else None, 2, "pre")
+  assert ops_pallas.kernel_backward_covers(kpo, None) is (not post)
+
+  def loss(q, kp, mp):
+    return multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
+                                 head_mix_pre=mp, implementation="pallas").sum()
+
+  assert _pallas_calls(jax.grad(loss, argnums=(0, 1, 2)), q, kp, mp) == want
+
+
+def test_bfloat16_gradients_as_accurate_as_the_reference():
+  """bf16 q, k, v through the backward kernels: every gradient's error against the float32
+  reference (on the same bf16-rounded inputs) is no worse than the xla path's own."""
+  case = (1, 14, (2, 3), None, 2, "pre")
+  (q, k, v), weights, rng = _inputs(7, *case)
+  seg = _segments(rng, 1, 14)
+  cot = rng.normal(size=q.shape).astype(np.float32)
+  as_bf16 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+  q, k, v, cot = (as_bf16(x) for x in (q, k, v, cot))
+  _, want = _fwd_and_grads("xla", seg, (q, k, v, *weights), cot)
+  bf16 = tuple(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  cot_b = jnp.asarray(cot, jnp.bfloat16)
+  _, ref = _fwd_and_grads("xla", seg, (*bf16, *weights), cot_b)
+  _, got = _fwd_and_grads(_register(8, 8), seg, (*bf16, *weights), cot_b)
+  assert len(got) == len(ref) == len(want) == 5
+  for name, g, r, w in zip(("q", "k", "v", "kernel", "mix"), got, ref, want):
+    assert g.dtype == r.dtype, name
+    w = np.asarray(w, np.float64)
+    err = np.abs(np.asarray(g, np.float64) - w).max()
+    ref_err = np.abs(np.asarray(r, np.float64) - w).max()
+    assert ref_err > 0, name  # bf16 rounding is visible: the comparison means something
+    assert err <= 1.5 * ref_err + 1e-6, (name, err, ref_err)
 
 
 def test_dropout_and_bad_blocks_raise():
