@@ -20,10 +20,16 @@ Forward (fused, one or two Pallas calls):
     pass 2 recomputes the logits, forms the exact normalised weights on the halo, applies the
     post conv / mask / mixing and accumulates A v.
 
-Backward: NOT a Pallas kernel yet. The gradient is the exact hand-written VJP of the
-"chunked" implementation (`ops_chunked`, O(block x T) memory), recomputing the forward in
-XLA. Forward values come from the kernel, gradients from the chunked path; both are exact
-(tests/test_ops_pallas.py holds them to the reference).
+Backward:
+  * Without post-softmax ops (pre conv of any size, pre mixing of any group size, segments,
+    causal; or plain causal softmax): Pallas kernels (`mta_jax/pallas_backward.py`), flash-
+    attention style: the forward returns its log-sum-exp, the backward recomputes the weights
+    on a halo and computes dq (with the conv-kernel and head-mixing gradients as per-program
+    partial sums, reduced here) and dk / dv in two kernels. No [T, T] buffer.
+  * With a post-softmax conv or post mixing (the paper's MTA layers have both): the exact
+    hand-written VJP of the "chunked" implementation (`ops_chunked`, O(block x T) memory),
+    recomputing the forward in XLA. `kernel_backward_covers` says which one a call gets.
+  tests/test_ops_pallas.py holds both to the reference.
 
 Platforms: on TPU the kernel is compiled by Mosaic; on every other backend (CPU, GPU) the same
 kernel runs in Pallas interpret mode (exact but slow: meant for tests). The choice is made at
@@ -32,11 +38,9 @@ from a CPU host get the Mosaic kernel.
 
 Attention dropout is not implemented in the kernel: dropout_rate > 0 raises (use "chunked").
 
-Known limit (TPU): a program holds every head of a mixing group, and the kernel body unrolls
-heads and conv taps, so Mosaic keeps many [rows, columns] tiles live in VMEM. With 4 heads per
-program it compiles for v5e / v5p; with the paper's full mixing (16 heads per program, 6 x 11
-convs, 128 x 128 tiles) Mosaic asks for 87 MiB of scoped VMEM and refuses (default limit 16
-MiB). The fix is to loop over heads through VMEM scratch buffers instead of unrolling them.
+VMEM (TPU): a program holds every head of a mixing group, but loops over them (one head's
+[rows, columns] tiles live at a time); head mixing reads the group's tiles from VMEM scratch.
+The paper's 880M layer (16 heads mixed, 6 x 11 convs, 128 x 128 tiles) compiles for v5e.
 """
 
 from __future__ import annotations

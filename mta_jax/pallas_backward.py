@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mta_jax.pallas_kernel import (LANES, NEG, SUBLANES, _conv_one, _dot, _head_loop, _mixed,
-                                   _valid)
+                                   _valid, compiler_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +175,7 @@ def _ds_own(bp, refs, tile, head, dc):
   return jnp.where(tile.ok_own, ds, 0.0) if bp.has_pre else ds
 
 
-def _kernel_grad_partials(bp, refs, tile, head0, h, dc):
+def _kernel_grad_partials(bp, refs, tile, h, dc):
   """Adds <dC_own, shifted S0> for every tap of head h's pre conv to refs["dwk"][h]."""
   c_q, c_k = bp.c_pre
   bq, bk, hc = bp.block_q, bp.block_k, bp.hc
@@ -191,7 +191,6 @@ def _kernel_grad_partials(bp, refs, tile, head0, h, dc):
       if same is not None:
         t = jnp.where(same, t, 0.0)
       rows.append(jnp.sum(t, axis=(0, 1), keepdims=True))
-  del head0
   taps = jnp.concatenate(rows, axis=0)  # [c_q * c_k, 1]
   refs["dwk"][h] = refs["dwk"][h] + jnp.broadcast_to(taps, refs["dwk"].shape[1:])
 
@@ -218,7 +217,7 @@ def _tile_ds(bp, refs, tile, head0, *, on_p, on_ds, weight_grads):
       p, dx = _p_and_dx(bp, refs, tile, h, _c(bp, refs, tile, head0, h))
       on_p(h, p)
       if weight_grads and bp.c_pre is not None:
-        _kernel_grad_partials(bp, refs, tile, head0, h, dx)
+        _kernel_grad_partials(bp, refs, tile, h, dx)
       on_ds(h, _ds_own(bp, refs, tile, head0 + h, dx))
     _head_loop(hp, per_head)
     return
@@ -239,7 +238,7 @@ def _tile_ds(bp, refs, tile, head0, *, on_p, on_ds, weight_grads):
   def per_in_head(h):
     dc = _mixed_t(refs["sdx"], refs["mix_pre"], head0, h, bp.c_h_pre)
     if weight_grads and bp.c_pre is not None:
-      _kernel_grad_partials(bp, refs, tile, head0, h, dc)
+      _kernel_grad_partials(bp, refs, tile, h, dc)
     on_ds(h, _ds_own(bp, refs, tile, head0 + h, dc))
   _head_loop(hp, per_in_head)
 
@@ -325,9 +324,6 @@ def _dkv_kernel(bp, names, *refs):
 # pallas_call wrappers.
 # ---------------------------------------------------------------------------------------------
 
-_PARAMS = dict(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
-
-
 def _in_specs(bp, order, segs, weights):
   """In-specs for q / k / v / dout / lse / di windows, segments and SMEM weights.
 
@@ -392,13 +388,16 @@ def dq_call(bp, windows, segs, weights, *, dq_dtype, interpret: bool):
     scratch.append(pltpu.VMEM((hp, rows, LANES), jnp.float32))
     scratch_names.append(name)
   mix_shapes, mix_names = _mix_scratch(bp)
+  args = (*windows, *segs, *weights)
   outs = pl.pallas_call(
       functools.partial(_dq_kernel, bp, names + out_names + scratch_names + mix_names),
       name="mta_dq",
       grid=grid, in_specs=specs, out_specs=out_specs, out_shape=out_shapes,
       scratch_shapes=scratch + mix_shapes,
-      compiler_params=pltpu.CompilerParams(**_PARAMS), interpret=interpret,
-  )(*windows, *segs, *weights)
+      compiler_params=compiler_params(specs, args, out_specs, out_shapes, scratch + mix_shapes,
+                                      (bp.q_rows, bp.k_cols)),
+      interpret=interpret,
+  )(*args)
   outs = dict(zip(out_names, outs))
   return outs["dq"], outs.get("dwk_out"), outs.get("dwm_out")
 
@@ -413,10 +412,15 @@ def dkv_call(bp, windows, segs, weights, *, dk_dtype, dv_dtype, interpret: bool)
       (bp.batch, bp.heads, bp.n_k * bp.block_k, bp.head_dim), dt)
   acc = pltpu.VMEM((hp, bp.block_k, bp.head_dim), jnp.float32)
   mix_shapes, mix_names = _mix_scratch(bp)
+  args = (*windows, *segs, *weights)
+  out_shapes = [shape(dk_dtype), shape(dv_dtype)]
+  scratch = [acc, acc] + mix_shapes
   return pl.pallas_call(
       functools.partial(_dkv_kernel, bp, names + ["dk", "dv", "dk_acc", "dv_acc"] + mix_names),
       name="mta_dkv",
-      grid=grid, in_specs=specs, out_specs=[spec, spec],
-      out_shape=[shape(dk_dtype), shape(dv_dtype)], scratch_shapes=[acc, acc] + mix_shapes,
-      compiler_params=pltpu.CompilerParams(**_PARAMS), interpret=interpret,
-  )(*windows, *segs, *weights)
+      grid=grid, in_specs=specs, out_specs=[spec, spec], out_shape=out_shapes,
+      scratch_shapes=scratch,
+      compiler_params=compiler_params(specs, args, [spec, spec], out_shapes, scratch,
+                                      (bp.q_rows, bp.k_cols)),
+      interpret=interpret,
+  )(*args)

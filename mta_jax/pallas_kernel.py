@@ -1,4 +1,5 @@
-"""The Pallas kernels of the fused MTA forward (tiling and gradients: `ops_pallas.py`).
+"""The Pallas kernels of the fused MTA forward (tiling: `ops_pallas.py`; backward kernels:
+`pallas_backward.py`).
 
 One program = (batch row b, head group g, query block i, key block j); j is the innermost,
 sequential grid axis. A program reads a query window (block_q rows plus the conv row halos
@@ -6,14 +7,15 @@ above), a key window (block_k columns plus the conv column halos on both sides),
 block, segment-id windows and the conv / mixing weights (scalars in SMEM), and computes on it
 exactly the op of docs/MTA.md restricted to its tile (the order of the stages is that of ops.py):
 
-    S = QK^T / sqrt(d) -> Mask_0 -> pre conv -> pre mix -> Mask_-inf         (`_pre_logits`)
+    S = QK^T / sqrt(d) -> Mask_0 -> pre conv -> pre mix -> Mask_-inf    (`_for_each_logits`)
     A = softmax(S)     (online over key blocks, or exp(S - lse) with lse from pass 1)
     A -> post conv -> Mask_0 -> post mix -> accumulate A V
 
-Everything is written on 2-D [rows, columns] tiles, one per head, with static loops over heads
-and conv taps (the conv is c_q * c_k scalar-times-shifted-tile multiply-adds; the mixing c_h^2
-scalar-times-tile multiply-adds): per-head 2-D matmuls and elementwise ops are what Mosaic
-lowers most reliably.
+Everything is written on 2-D [rows, columns] tiles, one head at a time: a loop over the heads
+of the program (`_head_loop`; unrolling them made Mosaic keep every head's tiles live in VMEM),
+static loops over conv taps (c_q * c_k scalar-times-shifted-tile multiply-adds), head mixing
+from a VMEM scratch holding the group's tiles (c_h scalar-times-tile multiply-adds per head).
+Per-head 2-D matmuls and elementwise ops are what Mosaic lowers most reliably.
 """
 
 from __future__ import annotations
@@ -314,6 +316,36 @@ def _grid(plan):
 
 _PARAMS = dict(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
+# Mosaic's default scoped-VMEM limit, and the most this module asks for when its own estimate
+# needs more (below the 128 MiB of a v5e core and the 95 MiB of a v5p core).
+DEFAULT_SCOPED_VMEM = 16 * 2**20
+MAX_SCOPED_VMEM = 64 * 2**20
+
+
+def _tile_bytes(shape, dtype) -> int:
+  """VMEM bytes of a block: the last two dimensions padded to the (8, 128) tiling."""
+  shape = tuple(d for d in shape if isinstance(d, int))
+  *lead, rows, cols = (1,) * max(0, 2 - len(shape)) + shape
+  return (math.prod(lead) * (-(-rows // SUBLANES) * SUBLANES) * (-(-cols // LANES) * LANES)
+          * jnp.dtype(dtype).itemsize)
+
+
+def compiler_params(in_specs, args, out_specs, out_shapes, scratch, work_tile):
+  """CompilerParams with a scoped-VMEM limit from an estimate when the default is too small.
+
+  The estimate: double-buffered in / out blocks, the scratch, and 16 float32 working tiles of
+  `work_tile` = (rows, cols) for Mosaic's temporaries (one head's conv / softmax at a time).
+  """
+  est = sum(2 * _tile_bytes(sp.block_shape, a.dtype) for sp, a in zip(in_specs, args)
+            if sp.block_shape is not None)
+  est += sum(2 * _tile_bytes(sp.block_shape, o.dtype) for sp, o in zip(out_specs, out_shapes))
+  est += sum(_tile_bytes(sc.shape, sc.dtype) for sc in scratch)
+  est += 16 * _tile_bytes(work_tile, jnp.float32)
+  limit = None
+  if est > DEFAULT_SCOPED_VMEM:
+    limit = min(MAX_SCOPED_VMEM, est * 3 // 2)
+  return pltpu.CompilerParams(**_PARAMS, vmem_limit_bytes=limit)
+
 
 def _mix_scratch(plan, with_post: bool):
   """VMEM scratch (shapes, names) holding a head group's tiles for head mixing."""
@@ -335,17 +367,22 @@ def lse_call(plan, qw, kw, segs, weights, *, interpret: bool):
   specs, names, _ = _common_specs(plan, segs, weights)
   lse_shape = (plan.batch, plan.heads, plan.n_q, rows, LANES)
   mix_shapes, mix_names = _mix_scratch(plan, with_post=False)
+  args = (qw, kw, *segs, *weights)
+  out_spec = pl.BlockSpec((sq, hp, sq, rows, LANES), lambda b, g, i, j: (b, g, i, 0, 0))
+  out_shape = jax.ShapeDtypeStruct(lse_shape, jnp.float32)
+  scratch = [pltpu.VMEM((hp, rows, LANES), jnp.float32)] * 2 + mix_shapes
   return pl.pallas_call(
       functools.partial(_lse_kernel, plan, names + ["lse", "m", "l"] + mix_names),
       name="mta_lse",
       grid=_grid(plan),
       in_specs=specs,
-      out_specs=pl.BlockSpec((sq, hp, sq, rows, LANES), lambda b, g, i, j: (b, g, i, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct(lse_shape, jnp.float32),
-      scratch_shapes=[pltpu.VMEM((hp, rows, LANES), jnp.float32)] * 2 + mix_shapes,
-      compiler_params=pltpu.CompilerParams(**_PARAMS),
+      out_specs=out_spec,
+      out_shape=out_shape,
+      scratch_shapes=scratch,
+      compiler_params=compiler_params(specs, args, [out_spec], [out_shape], scratch,
+                                      (plan.q_rows, plan.k_cols)),
       interpret=interpret,
-  )(qw, kw, *segs, *weights)
+  )(*args)
 
 
 def output_call(plan, qw, kw, vb, segs, weights, lse, *, out_dtype, interpret: bool):
@@ -389,7 +426,8 @@ def output_call(plan, qw, kw, vb, segs, weights, lse, *, out_dtype, interpret: b
       out_specs=out_specs,
       out_shape=out_shapes,
       scratch_shapes=scratch,
-      compiler_params=pltpu.CompilerParams(**_PARAMS),
+      compiler_params=compiler_params(specs, args, out_specs, out_shapes, scratch,
+                                      (plan.q_rows, plan.k_cols)),
       interpret=interpret,
   )(*args)
   return outs[0], (outs[1] if lse is None else None)

@@ -8,6 +8,7 @@ lengths and documents shorter than the kernels. A TPU ahead-of-time compile (Mos
 no [T, T] buffer appears.
 """
 
+import dataclasses
 import functools
 import re
 import zlib
@@ -173,7 +174,22 @@ def test_dropout_and_bad_blocks_raise():
 # ---------------------------------------------------------------------------------------------
 
 
-def _tpu_compile(topology: str, length: int, with_grad: bool):
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One MTA attention for the TPU compile: shapes and which ops are on."""
+  heads: int = 4
+  head_dim: int = 128
+  length: int = 4096
+  pre: tuple | None = (2, 3)
+  post: tuple | None = (2, 3)
+  c_h: int = 2
+
+
+# The paper's 880M MTA layer: 16 heads of 96, 6 x 11 pre and post convs, all 16 heads mixed.
+PAPER_880M = Layer(heads=16, head_dim=96, length=2048, pre=(6, 11), post=(6, 11), c_h=16)
+
+
+def _tpu_compile(topology: str, layer: Layer, with_grad: bool):
   """Compiles MTA (or grad(sum(MTA))) under shard_map for a TPU topology, ahead of time."""
   pytest.importorskip("libtpu")
   from jax.experimental import topologies
@@ -181,44 +197,63 @@ def _tpu_compile(topology: str, length: int, with_grad: bool):
 
   devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
   mesh = Mesh(np.array(devices), ("data",))
-  heads, head_dim = 4, 128
+  heads = layer.heads
   sds = lambda shape, spec, dt=jnp.float32: jax.ShapeDtypeStruct(
       shape, dt, sharding=NamedSharding(mesh, spec))
-  x = sds((len(devices), length, heads, head_dim), P("data"), jnp.bfloat16)
-  kern, mix = sds((heads, 2, 3), P()), sds((2, 2, 2), P())
-  seg = sds((len(devices), length), P("data"), jnp.int32)
+  x = sds((len(devices), layer.length, heads, layer.head_dim), P("data"), jnp.bfloat16)
+  kern = lambda c: None if c is None else sds((heads, *c), P())
+  mix = sds((heads // layer.c_h, layer.c_h, layer.c_h), P())
+  weights = (kern(layer.pre), kern(layer.post), mix, mix if layer.post else None)
+  live = tuple(w for w in weights if w is not None)
+  seg = sds((len(devices), layer.length), P("data"), jnp.int32)
 
-  def local(q, k, v, kp, kpo, mp, mpo, seg):
+  def local(q, k, v, seg, *ws):
+    it = iter(ws)
+    kp, kpo, mp, mpo = (None if w is None else next(it) for w in weights)
     return multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
                                  head_mix_pre=mp, head_mix_post=mpo, segment_ids=seg,
                                  implementation="pallas")
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 3 + (P(),) * 4 + (P("data"),),
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 4 + (P(),) * len(live),
                           out_specs=P("data"), check_vma=False)
   fn = sharded
   if with_grad:
-    fn = jax.grad(lambda *a: sharded(*a).astype(jnp.float32).sum(), argnums=tuple(range(7)))
-  return jax.jit(fn).lower(x, x, x, kern, kern, mix, mix, seg).compile()
+    grad_args = (0, 1, 2) + tuple(range(4, 4 + len(live)))
+    fn = jax.grad(lambda *a: sharded(*a).astype(jnp.float32).sum(), argnums=grad_args)
+  return jax.jit(fn).lower(x, x, x, seg, *live).compile()
 
 
-@pytest.mark.parametrize("topology,with_grad", [
-    ("v5e:2x2", False),
-    pytest.param("v5p:2x2x1", False, marks=pytest.mark.slow),
-    pytest.param("v5e:2x2", True, marks=pytest.mark.slow),  # + the chunked backward: minutes
-], ids=["v5e-fwd", "v5p-fwd", "v5e-fwd-bwd"])
-def test_tpu_aot_compile_has_mosaic_kernel_and_no_txt_buffer(topology, with_grad):
-  length, local_batch, heads = 4096, 1, 4
-  compiled = _tpu_compile(topology, length, with_grad)
+def _assert_mosaic_and_no_txt_buffer(compiled, layer: Layer, n_kernels: int):
   text = compiled.as_text()
-  assert text.count('custom_call_target="tpu_custom_call"') >= 2  # lse pass + output pass
+  assert text.count('custom_call_target="tpu_custom_call"') >= n_kernels
   # No array in the compiled program has two dimensions of length >= T ...
   shapes = re.findall(r"\b(?:f32|bf16|f16|s32|pred)\[([0-9,]+)\]", text)
   assert shapes
-  square = [s for s in shapes if sum(int(d) >= length for d in s.split(",")) >= 2]
+  square = [s for s in shapes if sum(int(d) >= layer.length for d in s.split(",")) >= 2]
   assert not square, square[:5]
-  # ... and the scratch is below one shard's [B, H, T, T] float32 logits.
+  # ... and the scratch is below one shard's [B, H, T, T] float32 logits (local batch 1).
   temp = compiled.memory_analysis().temp_size_in_bytes
-  assert temp < local_batch * heads * length * length * 4, temp
+  assert temp < layer.heads * layer.length * layer.length * 4, temp
+
+
+NO_POST = Layer(post=None)  # the backward runs as Pallas kernels (no post-softmax ops)
+
+
+@pytest.mark.parametrize("topology,layer,with_grad,n_kernels", [
+    ("v5e:2x2", Layer(), False, 2),           # lse pass + output pass
+    pytest.param("v5p:2x2x1", Layer(), False, 2, marks=pytest.mark.slow),
+    pytest.param("v5e:2x2", Layer(), True, 2, marks=pytest.mark.slow),  # + the chunked VJP
+    pytest.param("v5e:2x2", NO_POST, True, 3, marks=pytest.mark.slow),  # output, dq, dkv
+    pytest.param("v5p:2x2x1", NO_POST, True, 3, marks=pytest.mark.slow),
+    pytest.param("v5e:2x2", PAPER_880M, False, 2, marks=pytest.mark.slow),
+    pytest.param("v5e:2x2", dataclasses.replace(PAPER_880M, post=None), True, 3,
+                 marks=pytest.mark.slow),
+], ids=["v5e-fwd", "v5p-fwd", "v5e-fwd-chunkedbwd", "v5e-nopost-kernelbwd",
+        "v5p-nopost-kernelbwd", "v5e-880m-fwd", "v5e-880m-nopost-kernelbwd"])
+def test_tpu_aot_compile_has_mosaic_kernel_and_no_txt_buffer(topology, layer, with_grad,
+                                                            n_kernels):
+  compiled = _tpu_compile(topology, layer, with_grad)
+  _assert_mosaic_and_no_txt_buffer(compiled, layer, n_kernels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,8 +263,6 @@ def test_tpu_aot_compile_has_mosaic_kernel_and_no_txt_buffer(topology, with_grad
 
 def test_model_with_pallas_equals_chunked_on_a_mesh():
   """One MTA layer (every stage, c_h = 2, heads split over tensor = 2), logits and gradients."""
-  import dataclasses
-
   from flax import nnx
 
   from mta_jax import sharding
