@@ -181,7 +181,8 @@ def _kernel_grad_partials(bp, refs, tile, h, dc):
   bq, bk, hc = bp.block_q, bp.block_k, bp.hc
   s0 = _s0(bp, refs, tile, h)
   dc_own = dc[:bq, hc:hc + bk]
-  rows = []
+  tap = jax.lax.broadcasted_iota(jnp.int32, refs["dwk"].shape[1:], 0)
+  taps = jnp.zeros(refs["dwk"].shape[1:], jnp.float32)  # [c_q * c_k, LANES], row = tap
   for a in range(c_q):
     same = None
     if tile.seg_in is not None and a != c_q - 1:
@@ -190,9 +191,13 @@ def _kernel_grad_partials(bp, refs, tile, h, dc):
       t = dc_own * s0[a:a + bq, hc + b:hc + b + bk]
       if same is not None:
         t = jnp.where(same, t, 0.0)
-      rows.append(jnp.sum(t, axis=(0, 1), keepdims=True))
-  taps = jnp.concatenate(rows, axis=0)  # [c_q * c_k, 1]
-  refs["dwk"][h] = refs["dwk"][h] + jnp.broadcast_to(taps, refs["dwk"].shape[1:])
+      taps = jnp.where(tap == a * c_k + b, _total(t), taps)
+  refs["dwk"][h] = refs["dwk"][h] + taps
+
+
+def _total(x):
+  """[1, 1] sum of a 2-D tile (lanes first, then sublanes)."""
+  return x.sum(axis=1, keepdims=True).sum(axis=0, keepdims=True)
 
 
 def _mix_grad_partials(bp, refs, o, dx):
@@ -202,9 +207,8 @@ def _mix_grad_partials(bp, refs, o, dx):
   dx_own = dx[:bq, hc:hc + bk]
   def step(i, acc):
     c_own = refs["spre"][base + i][:bq, hc:hc + bk]
-    v = jnp.sum(dx_own * c_own, axis=(0, 1), keepdims=True)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (c_h, LANES), 0)
-    return acc + jnp.where(lane == i, v, 0.0)
+    row = jax.lax.broadcasted_iota(jnp.int32, (c_h, LANES), 0)
+    return acc + jnp.where(row == i, _total(dx_own * c_own), 0.0)
   acc = jax.lax.fori_loop(0, c_h, step, jnp.zeros((c_h, LANES), jnp.float32))
   refs["dwm"][o] = refs["dwm"][o] + acc
 
@@ -274,8 +278,8 @@ def _dq_kernel(bp, names, *refs):
     k_lo = 2 * bp.hc
 
     def on_ds(h, ds):
-      k_own = refs["k"][h][k_lo:k_lo + bp.block_k]
-      refs["dq_acc"][h] = refs["dq_acc"][h] + _dot(ds, k_own.astype(jnp.float32), ((1,), (0,)))
+      k_own = refs["k"][h].astype(jnp.float32)[k_lo:k_lo + bp.block_k]  # f32: see Precision
+      refs["dq_acc"][h] = refs["dq_acc"][h] + _dot(ds, k_own, ((1,), (0,)))
     _tile_ds(bp, refs, tile, head0, on_p=lambda o, p: None, on_ds=on_ds, weight_grads=True)
 
   @pl.when(j == pl.num_programs(3) - 1)
@@ -308,9 +312,8 @@ def _dkv_kernel(bp, names, *refs):
                                                    ((1,), (0,)))
 
     def on_ds(h, ds):
-      q_own = refs["q"][h][hr:hr + bq]
-      refs["dk_acc"][h] = refs["dk_acc"][h] + _dot(ds.T, q_own.astype(jnp.float32),
-                                                   ((1,), (0,)))
+      q_own = refs["q"][h].astype(jnp.float32)[hr:hr + bq]
+      refs["dk_acc"][h] = refs["dk_acc"][h] + _dot(ds.T, q_own, ((1,), (0,)))
     _tile_ds(bp, refs, tile, head0, on_p=on_p, on_ds=on_ds, weight_grads=False)
 
   @pl.when(i == pl.num_programs(3) - 1)
