@@ -398,7 +398,7 @@ def dq_call(bp, windows, segs, weights, *, dq_dtype, interpret: bool):
       grid=grid, in_specs=specs, out_specs=out_specs, out_shape=out_shapes,
       scratch_shapes=scratch + mix_shapes,
       compiler_params=compiler_params(specs, args, out_specs, out_shapes, scratch + mix_shapes,
-                                      (bp.q_rows, bp.k_cols)),
+                                      (bp.q_rows, bp.k_cols), 3 * math.prod(bp.c_pre or (0,))),
       interpret=interpret,
   )(*args)
   outs = dict(zip(out_names, outs))
@@ -424,6 +424,6 @@ def dkv_call(bp, windows, segs, weights, *, dk_dtype, dv_dtype, interpret: bool)
       grid=grid, in_specs=specs, out_specs=[spec, spec], out_shape=out_shapes,
       scratch_shapes=scratch,
       compiler_params=compiler_params(specs, args, [spec, spec], out_shapes, scratch,
-                                      (bp.q_rows, bp.k_cols)),
+                                      (bp.q_rows, bp.k_cols), 3 * math.prod(bp.c_pre or (0,))),
       interpret=interpret,
   )(*args)
