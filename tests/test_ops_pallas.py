@@ -219,9 +219,9 @@ def _tpu_compile(topology: str, layer: Layer, with_grad: bool):
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 4 + (P(),) * len(live),
                           out_specs=P("data"), check_vma=False)
   fn = sharded
-  if with_grad:
+  if with_grad:  # value and gradient: a bare gradient of a sum would not need the forward
     grad_args = (0, 1, 2) + tuple(range(4, 4 + len(live)))
-    fn = jax.grad(lambda *a: sharded(*a).astype(jnp.float32).sum(), argnums=grad_args)
+    fn = jax.value_and_grad(lambda *a: sharded(*a).astype(jnp.float32).sum(), argnums=grad_args)
   return jax.jit(fn).lower(x, x, x, seg, *live).compile()
 
 
