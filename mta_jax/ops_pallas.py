@@ -20,10 +20,16 @@ Forward (fused, one or two Pallas calls):
     pass 2 recomputes the logits, forms the exact normalised weights on the halo, applies the
     post conv / mask / mixing and accumulates A v.
 
-Backward: NOT a Pallas kernel yet. The gradient is the exact hand-written VJP of the
-"chunked" implementation (`ops_chunked`, O(block x T) memory), recomputing the forward in
-XLA. Forward values come from the kernel, gradients from the chunked path; both are exact
-(tests/test_ops_pallas.py holds them to the reference).
+Backward:
+  * Without post-softmax ops (pre conv of any size, pre mixing of any group size, segments,
+    causal; or plain causal softmax): Pallas kernels (`mta_jax/pallas_backward.py`), flash-
+    attention style: the forward returns its log-sum-exp, the backward recomputes the weights
+    on a halo and computes dq (with the conv-kernel and head-mixing gradients as per-program
+    partial sums, reduced here) and dk / dv in two kernels. No [T, T] buffer.
+  * With a post-softmax conv or post mixing (the paper's MTA layers have both): the exact
+    hand-written VJP of the "chunked" implementation (`ops_chunked`, O(block x T) memory),
+    recomputing the forward in XLA. `kernel_backward_covers` says which one a call gets.
+  tests/test_ops_pallas.py holds both to the reference.
 
 Platforms: on TPU the kernel is compiled by Mosaic; on every other backend (CPU, GPU) the same
 kernel runs in Pallas interpret mode (exact but slow: meant for tests). The choice is made at
@@ -32,11 +38,9 @@ from a CPU host get the Mosaic kernel.
 
 Attention dropout is not implemented in the kernel: dropout_rate > 0 raises (use "chunked").
 
-Known limit (TPU): a program holds every head of a mixing group, and the kernel body unrolls
-heads and conv taps, so Mosaic keeps many [rows, columns] tiles live in VMEM. With 4 heads per
-program it compiles for v5e / v5p; with the paper's full mixing (16 heads per program, 6 x 11
-convs, 128 x 128 tiles) Mosaic asks for 87 MiB of scoped VMEM and refuses (default limit 16
-MiB). The fix is to loop over heads through VMEM scratch buffers instead of unrolling them.
+VMEM (TPU): a program holds every head of a mixing group, but loops over them (one head's
+[rows, columns] tiles live at a time); head mixing reads the group's tiles from VMEM scratch.
+The paper's 880M layer (16 heads mixed, 6 x 11 convs, 128 x 128 tiles) compiles for v5e.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from mta_jax import ops_chunked
+from mta_jax import pallas_backward as pb
 from mta_jax import pallas_kernel as pk
 
 Array = jax.Array
@@ -190,8 +195,10 @@ def _flat_weights(kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post):
 
 
 def pallas_forward(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
-                   segment_ids, *, block_q: int, block_k: int, interpret: bool) -> Array:
-  """The fused forward: [B, T, H, D] in q's dtype."""
+                   segment_ids, *, block_q: int, block_k: int, interpret: bool,
+                   out_dtype=None):
+  """The fused forward -> (out [B, T, H, D] in out_dtype (default q's), lse [B, H, T] float32
+  of the online pass, or None with post-softmax ops)."""
   plan = make_plan(q, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids,
                    block_q=block_q, block_k=block_k, lane_align=1 if interpret else pk.LANES)
   qw, kw, vb, segs = _prepare(plan, q, k, v, segment_ids)
@@ -199,24 +206,33 @@ def pallas_forward(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mi
   lse = None
   if plan.has_post:
     lse = pk.lse_call(plan, qw, kw, segs, weights, interpret=interpret)
-  out = pk.output_call(plan, qw, kw, vb, segs, weights, lse, out_dtype=q.dtype,
-                       interpret=interpret)  # [B, H, n_q * block_q, D]
-  return jnp.swapaxes(out[:, :, :plan.length], 1, 2)
+  out, lse_online = pk.output_call(plan, qw, kw, vb, segs, weights, lse,
+                                   out_dtype=out_dtype or q.dtype,
+                                   interpret=interpret)  # [B, H, n_q * block_q, D]
+  if lse_online is not None:
+    b, h = lse_online.shape[:2]
+    lse_online = lse_online[..., 0].reshape(b, h, -1)[:, :, :plan.length]
+  return jnp.swapaxes(out[:, :, :plan.length], 1, 2), lse_online
 
 
-def _forward_any_platform(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
-                          segment_ids, *, block_q, block_k):
-  args = (q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
-  fwd = functools.partial(pallas_forward, block_q=block_q, block_k=block_k)
-  # Mosaic on TPU, the interpreter elsewhere; decided when lowering (AOT for TPU works).
-  return jax.lax.platform_dependent(
-      *args, tpu=functools.partial(fwd, interpret=False),
-      default=functools.partial(fwd, interpret=True))
+def _on_platform(fn, *args, **kwargs):
+  """fn(*args, interpret=...): Mosaic on TPU, the interpreter elsewhere; decided when lowering
+  (so ahead-of-time compiles for a TPU topology from a CPU host get the Mosaic kernels)."""
+  f = functools.partial(fn, **kwargs)
+  return jax.lax.platform_dependent(*args, tpu=functools.partial(f, interpret=False),
+                                    default=functools.partial(f, interpret=True))
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradient: the exact VJP of the chunked implementation (no Pallas backward kernel yet).
+# Gradient: Pallas backward kernels (`pallas_backward`) without post-softmax ops; with them,
+# the exact VJP of the chunked implementation.
 # ---------------------------------------------------------------------------------------------
+
+
+def kernel_backward_covers(kq_kernel_post, head_mix_post) -> bool:
+  """Whether the gradient runs as Pallas kernels: every op without post-softmax ops (pre conv,
+  pre mixing, segments, causal). A post conv or post mixing uses the chunked VJP."""
+  return kq_kernel_post is None and head_mix_post is None
 
 
 def _chunked_reference(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
@@ -227,26 +243,81 @@ def _chunked_reference(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, hea
       dropout_rate=0.0, dropout_rng=None)
 
 
+def pallas_backward(q, k, v, kq_kernel_pre, head_mix_pre, segment_ids, out, lse, dout, *,
+                    block_q: int, block_k: int, interpret: bool):
+  """(dq, dk, dv, d kq_kernel_pre or None, d head_mix_pre or None) by the backward kernels."""
+  plan = make_plan(q, kq_kernel_pre, None, head_mix_pre, None, segment_ids, block_q=block_q,
+                   block_k=block_k, lane_align=1 if interpret else pk.LANES)
+  bp = pb.BwdPlan(batch=plan.batch, length=plan.length, heads=plan.heads,
+                  head_dim=plan.head_dim, heads_per_program=plan.heads_per_program,
+                  block_q=plan.block_q, block_k=plan.block_k, c_pre=plan.c_pre,
+                  c_h_pre=plan.c_h_pre, segments=plan.segments, lane_align=plan.lane_align)
+  to_bhtd = lambda x: jnp.swapaxes(x, 1, 2)
+  f32 = jnp.float32
+  di = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)  # [B, T, H]
+  lanes = lambda x_BxHxT: jnp.broadcast_to(x_BxHxT[..., None], (*x_BxHxT.shape, pk.LANES))
+  rows = lambda x: _windows(x, bp.n_q, bp.block_q, bp.rows_x, 0)
+  windows = (
+      _windows(to_bhtd(q), bp.n_q, bp.block_q, bp.q_rows, bp.hr),
+      _windows(to_bhtd(k), bp.n_k, bp.block_k, bp.k_cols, 2 * bp.hc),
+      _windows(to_bhtd(v), bp.n_k, bp.block_k, bp.v_cols, bp.hc),
+      rows(to_bhtd(dout.astype(q.dtype))),
+      rows(lanes(lse)),
+      rows(lanes(jnp.swapaxes(di, 1, 2))),
+  )
+  segs = ()
+  if bp.segments:
+    sq = _seg_windows(segment_ids, bp.n_q, bp.block_q, bp.q_rows, bp.hr)
+    sk = _seg_windows(segment_ids, bp.n_k, bp.block_k, bp.k_cols, 2 * bp.hc)
+    segs = (jnp.broadcast_to(sq[..., None], (*sq.shape, pk.LANES)).astype(jnp.int32),
+            jnp.broadcast_to(sk[:, :, None, :], (sk.shape[0], sk.shape[1], pk.SUBLANES,
+                                                  sk.shape[2])).astype(jnp.int32))
+  weights = _flat_weights(kq_kernel_pre, None, head_mix_pre, None)
+  dq, dwk, dwm = pb.dq_call(bp, windows, segs, weights, dq_dtype=q.dtype, interpret=interpret)
+  dk, dv = pb.dkv_call(bp, windows, segs, weights, dk_dtype=k.dtype, dv_dtype=v.dtype,
+                       interpret=interpret)
+  back = lambda x: jnp.swapaxes(x[:, :, :bp.length], 1, 2)
+  d_kern = d_mix = None
+  if dwk is not None:
+    d_kern = dwk[..., 0].sum(axis=(0, 2)).reshape(kq_kernel_pre.shape)
+    d_kern = d_kern.astype(kq_kernel_pre.dtype)
+  if dwm is not None:
+    d_mix = dwm[..., 0].sum(axis=(0, 2)).reshape(head_mix_pre.shape).astype(head_mix_pre.dtype)
+  return back(dq), back(dk), back(dv), d_kern, d_mix
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _mta_pallas_vjp(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
                     segment_ids, block_q, block_k):
-  return _forward_any_platform(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre,
-                               head_mix_post, segment_ids, block_q=block_q, block_k=block_k)
+  out, _ = _on_platform(pallas_forward, q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre,
+                        head_mix_post, segment_ids, block_q=block_q, block_k=block_k)
+  return out
 
 
 def _vjp_fwd(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids,
              block_q, block_k):
-  out = _forward_any_platform(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre,
-                              head_mix_post, segment_ids, block_q=block_q, block_k=block_k)
-  return out, (q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
+  res = (q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
+  if not kernel_backward_covers(kq_kernel_post, head_mix_post):
+    out, _ = _on_platform(pallas_forward, *res, block_q=block_q, block_k=block_k)
+    return out, res
+  # The backward's D = rowsum(dout * out) uses the float32 output: rounding it to bf16 first
+  # would double the gradient error of bf16 inputs (the reference differentiates in float32).
+  out32, lse = _on_platform(pallas_forward, *res, block_q=block_q, block_k=block_k,
+                            out_dtype=jnp.float32)
+  return out32.astype(q.dtype), res + (out32, lse)
 
 
 def _vjp_bwd(block_q, block_k, res, g):
-  del block_q, block_k
-  *diff, segment_ids = res
-  f = lambda *xs: _chunked_reference(*xs, segment_ids)
-  _, vjp = jax.vjp(f, *diff)
-  return (*vjp(g), None)
+  q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids = res[:8]
+  if not kernel_backward_covers(kq_kernel_post, head_mix_post):
+    f = lambda *xs: _chunked_reference(*xs, segment_ids)
+    _, vjp = jax.vjp(f, *res[:7])
+    return (*vjp(g), None)
+  out, lse = res[8:]
+  dq, dk, dv, d_kern, d_mix = _on_platform(
+      pallas_backward, q, k, v, kq_kernel_pre, head_mix_pre, segment_ids, out, lse, g,
+      block_q=block_q, block_k=block_k)
+  return dq, dk, dv, d_kern, None, d_mix, None, None
 
 
 _mta_pallas_vjp.defvjp(_vjp_fwd, _vjp_bwd)

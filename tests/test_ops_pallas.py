@@ -8,11 +8,13 @@ lengths and documents shorter than the kernels. A TPU ahead-of-time compile (Mos
 no [T, T] buffer appears.
 """
 
+import dataclasses
 import functools
 import re
 import zlib
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,10 +34,16 @@ def _register(block_q, block_k):
 
 
 CASES = [
-    # (b, t, pre (c_q, c_k), post, c_h, mix, segments)
+    # (b, t, pre (c_q, c_k), post, c_h, mix, segments). Without post ops the gradient comes
+    # from the Pallas backward kernels, with them from the chunked VJP.
     (2, 19, (3, 5), (2, 3), 2, "both", True),       # every stage, two passes, packed docs
-    (1, 21, (6, 11), None, H, "pre", False),        # paper-size pre conv, online softmax
+    (1, 21, (6, 11), None, H, "pre", True),         # paper-size pre conv, online softmax,
+                                                    # backward kernels (conv, mixing, packed)
     (1, 17, None, (2, 3), 1, "post", True),         # post only (c_h = 1: identity-size mix)
+    pytest.param((2, 19, (3, 5), None, 2, "pre", True), marks=pytest.mark.slow),
+    pytest.param((1, 21, (6, 11), None, H, "pre", False), marks=pytest.mark.slow),
+    pytest.param((1, 23, (6, 11), None, None, None, True), marks=pytest.mark.slow),
+    pytest.param((2, 26, (4, 7), None, 4, "pre", True), marks=pytest.mark.slow),
     pytest.param((2, 23, (6, 11), (6, 11), H, "both", True), marks=pytest.mark.slow),
     pytest.param((1, 13, (1, 11), (6, 1), None, None, True), marks=pytest.mark.slow),
     pytest.param((1, 16, (2, 3), None, 2, "pre", True), marks=pytest.mark.slow),
@@ -100,6 +108,60 @@ def test_bfloat16_inputs_as_accurate_as_the_reference():
   assert ref_err > 0  # the comparison is meaningful: bf16 rounding is visible
 
 
+def _pallas_calls(fn, *args):
+  """Names of the Pallas kernels in fn's jaxpr (each appears once per platform branch)."""
+  names = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        names.append(eqn.params["name"])
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return sorted(set(names))
+
+
+@pytest.mark.parametrize("post,want", [
+    (False, ["mta_dkv", "mta_dq", "mta_output"]),
+    (True, ["mta_lse", "mta_output"]),  # post ops: the backward is the chunked VJP
+])
+def test_gradient_uses_backward_kernels_exactly_without_post_ops(post, want):
+  (q, k, v), (kp, kpo, mp, _), _ = _inputs(3, 1, 12, (2, 3), (2, 3) if post else None, 2, "pre")
+  assert ops_pallas.kernel_backward_covers(kpo, None) is (not post)
+
+  def loss(q, kp, mp):
+    return multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
+                                 head_mix_pre=mp, implementation="pallas").sum()
+
+  assert _pallas_calls(jax.grad(loss, argnums=(0, 1, 2)), q, kp, mp) == want
+
+
+def test_bfloat16_gradients_as_accurate_as_the_reference():
+  """bf16 q, k, v through the backward kernels: every gradient's error against the float32
+  reference (on the same bf16-rounded inputs) is no worse than the xla path's own."""
+  case = (1, 14, (2, 3), None, 2, "pre")
+  (q, k, v), weights, rng = _inputs(7, *case)
+  seg = _segments(rng, 1, 14)
+  cot = rng.normal(size=q.shape).astype(np.float32)
+  as_bf16 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+  q, k, v, cot = (as_bf16(x) for x in (q, k, v, cot))
+  _, want = _fwd_and_grads("xla", seg, (q, k, v, *weights), cot)
+  bf16 = tuple(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  cot_b = jnp.asarray(cot, jnp.bfloat16)
+  _, ref = _fwd_and_grads("xla", seg, (*bf16, *weights), cot_b)
+  _, got = _fwd_and_grads(_register(8, 8), seg, (*bf16, *weights), cot_b)
+  assert len(got) == len(ref) == len(want) == 5
+  for name, g, r, w in zip(("q", "k", "v", "kernel", "mix"), got, ref, want):
+    assert g.dtype == r.dtype, name
+    w = np.asarray(w, np.float64)
+    err = np.abs(np.asarray(g, np.float64) - w).max()
+    ref_err = np.abs(np.asarray(r, np.float64) - w).max()
+    assert ref_err > 0, name  # bf16 rounding is visible: the comparison means something
+    assert err <= 1.5 * ref_err + 1e-6, (name, err, ref_err)
+
+
 def test_dropout_and_bad_blocks_raise():
   (q, k, v), _, _ = _inputs(1, 1, 8, None, None, 1, None)
   with pytest.raises(ValueError, match="no attention dropout"):
@@ -114,7 +176,22 @@ def test_dropout_and_bad_blocks_raise():
 # ---------------------------------------------------------------------------------------------
 
 
-def _tpu_compile(topology: str, length: int, with_grad: bool):
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One MTA attention for the TPU compile: shapes and which ops are on."""
+  heads: int = 4
+  head_dim: int = 128
+  length: int = 4096
+  pre: tuple | None = (2, 3)
+  post: tuple | None = (2, 3)
+  c_h: int = 2
+
+
+# The paper's 880M MTA layer: 16 heads of 96, 6 x 11 pre and post convs, all 16 heads mixed.
+PAPER_880M = Layer(heads=16, head_dim=96, length=2048, pre=(6, 11), post=(6, 11), c_h=16)
+
+
+def _tpu_compile(topology: str, layer: Layer, with_grad: bool):
   """Compiles MTA (or grad(sum(MTA))) under shard_map for a TPU topology, ahead of time."""
   pytest.importorskip("libtpu")
   from jax.experimental import topologies
@@ -122,44 +199,63 @@ def _tpu_compile(topology: str, length: int, with_grad: bool):
 
   devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
   mesh = Mesh(np.array(devices), ("data",))
-  heads, head_dim = 4, 128
+  heads = layer.heads
   sds = lambda shape, spec, dt=jnp.float32: jax.ShapeDtypeStruct(
       shape, dt, sharding=NamedSharding(mesh, spec))
-  x = sds((len(devices), length, heads, head_dim), P("data"), jnp.bfloat16)
-  kern, mix = sds((heads, 2, 3), P()), sds((2, 2, 2), P())
-  seg = sds((len(devices), length), P("data"), jnp.int32)
+  x = sds((len(devices), layer.length, heads, layer.head_dim), P("data"), jnp.bfloat16)
+  kern = lambda c: None if c is None else sds((heads, *c), P())
+  mix = sds((heads // layer.c_h, layer.c_h, layer.c_h), P())
+  weights = (kern(layer.pre), kern(layer.post), mix, mix if layer.post else None)
+  live = tuple(w for w in weights if w is not None)
+  seg = sds((len(devices), layer.length), P("data"), jnp.int32)
 
-  def local(q, k, v, kp, kpo, mp, mpo, seg):
+  def local(q, k, v, seg, *ws):
+    it = iter(ws)
+    kp, kpo, mp, mpo = (None if w is None else next(it) for w in weights)
     return multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
                                  head_mix_pre=mp, head_mix_post=mpo, segment_ids=seg,
                                  implementation="pallas")
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 3 + (P(),) * 4 + (P("data"),),
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 4 + (P(),) * len(live),
                           out_specs=P("data"), check_vma=False)
   fn = sharded
-  if with_grad:
-    fn = jax.grad(lambda *a: sharded(*a).astype(jnp.float32).sum(), argnums=tuple(range(7)))
-  return jax.jit(fn).lower(x, x, x, kern, kern, mix, mix, seg).compile()
+  if with_grad:  # value and gradient: a bare gradient of a sum would not need the forward
+    grad_args = (0, 1, 2) + tuple(range(4, 4 + len(live)))
+    fn = jax.value_and_grad(lambda *a: sharded(*a).astype(jnp.float32).sum(), argnums=grad_args)
+  return jax.jit(fn).lower(x, x, x, seg, *live).compile()
 
 
-@pytest.mark.parametrize("topology,with_grad", [
-    ("v5e:2x2", False),
-    pytest.param("v5p:2x2x1", False, marks=pytest.mark.slow),
-    pytest.param("v5e:2x2", True, marks=pytest.mark.slow),  # + the chunked backward: minutes
-], ids=["v5e-fwd", "v5p-fwd", "v5e-fwd-bwd"])
-def test_tpu_aot_compile_has_mosaic_kernel_and_no_txt_buffer(topology, with_grad):
-  length, local_batch, heads = 4096, 1, 4
-  compiled = _tpu_compile(topology, length, with_grad)
+def _assert_mosaic_and_no_txt_buffer(compiled, layer: Layer, n_kernels: int):
   text = compiled.as_text()
-  assert text.count('custom_call_target="tpu_custom_call"') >= 2  # lse pass + output pass
+  assert text.count('custom_call_target="tpu_custom_call"') >= n_kernels
   # No array in the compiled program has two dimensions of length >= T ...
   shapes = re.findall(r"\b(?:f32|bf16|f16|s32|pred)\[([0-9,]+)\]", text)
   assert shapes
-  square = [s for s in shapes if sum(int(d) >= length for d in s.split(",")) >= 2]
+  square = [s for s in shapes if sum(int(d) >= layer.length for d in s.split(",")) >= 2]
   assert not square, square[:5]
-  # ... and the scratch is below one shard's [B, H, T, T] float32 logits.
+  # ... and the scratch is below one shard's [B, H, T, T] float32 logits (local batch 1).
   temp = compiled.memory_analysis().temp_size_in_bytes
-  assert temp < local_batch * heads * length * length * 4, temp
+  assert temp < layer.heads * layer.length * layer.length * 4, temp
+
+
+NO_POST = Layer(post=None)  # the backward runs as Pallas kernels (no post-softmax ops)
+
+
+@pytest.mark.parametrize("topology,layer,with_grad,n_kernels", [
+    ("v5e:2x2", Layer(), False, 2),           # lse pass + output pass
+    pytest.param("v5p:2x2x1", Layer(), False, 2, marks=pytest.mark.slow),
+    pytest.param("v5e:2x2", Layer(), True, 2, marks=pytest.mark.slow),  # + the chunked VJP
+    pytest.param("v5e:2x2", NO_POST, True, 3, marks=pytest.mark.slow),  # output, dq, dkv
+    pytest.param("v5p:2x2x1", NO_POST, True, 3, marks=pytest.mark.slow),
+    pytest.param("v5e:2x2", PAPER_880M, False, 2, marks=pytest.mark.slow),
+    pytest.param("v5e:2x2", dataclasses.replace(PAPER_880M, post=None), True, 3,
+                 marks=pytest.mark.slow),
+], ids=["v5e-fwd", "v5p-fwd", "v5e-fwd-chunkedbwd", "v5e-nopost-kernelbwd",
+        "v5p-nopost-kernelbwd", "v5e-880m-fwd", "v5e-880m-nopost-kernelbwd"])
+def test_tpu_aot_compile_has_mosaic_kernel_and_no_txt_buffer(topology, layer, with_grad,
+                                                            n_kernels):
+  compiled = _tpu_compile(topology, layer, with_grad)
+  _assert_mosaic_and_no_txt_buffer(compiled, layer, n_kernels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,8 +265,6 @@ def test_tpu_aot_compile_has_mosaic_kernel_and_no_txt_buffer(topology, with_grad
 
 def test_model_with_pallas_equals_chunked_on_a_mesh():
   """One MTA layer (every stage, c_h = 2, heads split over tensor = 2), logits and gradients."""
-  import dataclasses
-
   from flax import nnx
 
   from mta_jax import sharding
