@@ -376,11 +376,14 @@ def _plot(sweep: Sweep, seeds: int, out: str, summary: list[dict], label: str) -
   root = os.path.join(out, sweep.name)
   by_name = {r.name: r for r in sweep.runs}
   fig, ax = plt.subplots(figsize=(8, 5))
-  for s in summary:
+  # tab20 and a second line style: more than ten runs keep distinct colours.
+  ax.set_prop_cycle(plt.cycler(color=plt.cm.tab20.colors[:len(summary) or 1]))
+  for i, s in enumerate(summary):
     curves = [_train_curve(workdir(out, sweep, by_name[s["run"]], seed)) for seed in range(seeds)
               if is_done(workdir(out, sweep, by_name[s["run"]], seed))]
     steps = sorted(set.intersection(*(set(c) for c in curves)))
-    ax.plot(steps, [sum(c[t] for c in curves) / len(curves) for t in steps], label=s["run"])
+    ax.plot(steps, [sum(c[t] for c in curves) / len(curves) for t in steps], label=s["run"],
+            linestyle="-" if i % 2 == 0 else "--")
   ax.set_xlabel("step")
   ax.set_ylabel("training loss (mean over seeds)")
   ax.set_title(sweep.name)
