@@ -63,6 +63,7 @@ class CompileReport:
   code: int
   xla_flops_per_chip: float | None
   xla_bytes_per_chip: float | None
+  host_peak_bytes: int = 0         # this process's peak resident memory after the compile
 
   @property
   def total(self) -> int:
@@ -139,6 +140,21 @@ def _cost(compiled) -> tuple[float | None, float | None]:
   return cost.get("flops"), cost.get("bytes accessed")
 
 
+def host_peak_bytes() -> int:
+  """This process's peak resident memory (Linux VmHWM; elsewhere getrusage's ru_maxrss)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  import resource
+  import sys
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss if sys.platform == "darwin" else rss * 1024
+
+
 def _report(name: str, seconds: float, cpu_seconds: float, compiled) -> CompileReport:
   m = compiled.memory_analysis()
   get = lambda attr: int(getattr(m, attr, 0) or 0) if m is not None else 0
@@ -146,7 +162,7 @@ def _report(name: str, seconds: float, cpu_seconds: float, compiled) -> CompileR
   return CompileReport(name, seconds, cpu_seconds, get("argument_size_in_bytes"),
                        get("output_size_in_bytes"), get("temp_size_in_bytes"),
                        get("alias_size_in_bytes"), get("generated_code_size_in_bytes"), flops,
-                       bytes_)
+                       bytes_, host_peak_bytes())
 
 
 def _save(compiled, save_dir: str, name: str) -> list[str]:
@@ -205,8 +221,8 @@ def format_report(cfg: TrainConfig, mesh: Mesh, reports: list[CompileReport], hb
            f"scan_layers={cfg.model.scan_layers}, remat={cfg.model.remat}"]
   for r in reports:
     hbm_txt = f" of {_gib(hbm)} HBM ({100 * r.total / hbm:.0f}%)" if hbm else ""
-    lines.append(f"{r.name}: compiled in {r.seconds:.1f} s ({r.cpu_seconds:.1f} s CPU); per chip: "
-                 f"arguments "
+    lines.append(f"{r.name}: compiled in {r.seconds:.1f} s ({r.cpu_seconds:.1f} s CPU, host peak "
+                 f"memory {_gib(r.host_peak_bytes)}); per chip: arguments "
                  f"{_gib(r.arguments)}, outputs {_gib(r.outputs)}, temporaries "
                  f"{_gib(r.temporaries)}, aliased {_gib(r.aliased)}, total {_gib(r.total)}"
                  f"{hbm_txt}")

@@ -75,3 +75,30 @@ def test_embedding_under_tensor_parallelism(capfd):
     if devices == 8:  # XLA's SPMD partitioner warns on stderr when it replicates a gather
       assert "Involuntary full rematerialization" not in capfd.readouterr().err
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["baseline", "mta"])
+def test_paper_preset_compiles_and_fits_a_v5e_slice(family, tmp_path, capsys):
+  """The paper's 300M preset at its batch (128 x 2048, one row per chip), scanned, remat=full,
+  fsdp over the 128 chips of v5e:8x16: it fits a 16 GiB chip, and the report adds up."""
+  from configs import paper
+  from mta_jax import model as model_lib
+  cfg = paper.get("300m", family)
+  cfg.model.scan_layers = True
+  cfg.compile.topology = "v5e:8x16"
+  cfg.compile.eval_step = False
+  (train,) = aot.compile_main(cfg, str(tmp_path))  # raises DoesNotFitError if it does not fit
+  assert "compiled for v5e:8x16: 128 devices (TPU v5 lite)" in capsys.readouterr().out
+  assert 0 < train.total < 16 * aot.GIB
+  # The arguments are the sharded train state (fp32 parameters and two Adam moments, ~12 bytes
+  # a parameter, split 128 ways) and the batch; the temporaries hold at least one layer's
+  # activations of a 2048-token row.
+  n_params = model_lib.count_params(cfg.model)
+  assert 0.9 < train.arguments / (12 * n_params / 128) < 1.5, train.arguments
+  assert train.temporaries > 2048 * cfg.model.d_model * 2
+  # remat=full recomputes the forward pass: XLA counts ~4/3 of flops.py's 3 x forward.
+  report = json.loads((tmp_path / "compile.json").read_text())
+  ratio = train.xla_flops_per_chip * 128 / report["counted_flops_per_step"]
+  assert 0.9 < ratio < 2.0, ratio
+  assert 0 < train.host_peak_bytes < 8 * aot.GIB
