@@ -121,6 +121,8 @@ def main() -> None:
   p.add_argument("--append", action="store_true",
                  help="keep --out's earlier results and compile only what it lacks (the table "
                       "then covers both runs)")
+  p.add_argument("--report", action="store_true",
+                 help="only print the table of --out's results (compile nothing)")
   p.add_argument("--worker", default="")
   a = p.parse_args()
   if a.worker:
@@ -128,7 +130,7 @@ def main() -> None:
     return
   targets = a.targets.split(",")
   results = []
-  if a.append and a.out and os.path.exists(a.out):
+  if (a.append or a.report) and a.out and os.path.exists(a.out):
     with open(a.out) as f:
       results = [r for r in json.load(f)["results"] if "error" not in r]
   done = {(r["target"], r["layers"], r["scan"], r["family"], r["impl"], r["seq_len"])
@@ -137,15 +139,15 @@ def main() -> None:
   for layers in [int(x) for x in a.layers.split(",")]:  # shallow first: partial runs still tell
     for target in targets:
       for scan in modes:
-        if (target, layers, scan, a.family, a.impl, a.seq_len) in done:
+        if a.report or (target, layers, scan, a.family, a.impl, a.seq_len) in done:
           continue
         results.append(_run(a, target, layers, scan))
         if a.out:
           common.write_json(a.out, {"machine": common.machine(), "args": vars(a),
                                     "results": results})
   rows = [row for t in dict.fromkeys(r["target"] for r in results) for row in _rows(results, t)]
-  print(f"\n{a.family} ({a.impl}), d_model 256, batch 8 x {a.seq_len}, train step, "
-        f"load average at the end {os.getloadavg()[0]:.1f}")
+  load = "" if a.report else f", load average at the end {os.getloadavg()[0]:.1f}"
+  print(f"\n{a.family} ({a.impl}), d_model 256, batch 8 x {a.seq_len}, train step{load}")
   print(common.table(rows, ["target", "layers", "unrolled wall s", "unrolled CPU s",
                             "unrolled peak RSS MiB", "scanned wall s", "scanned CPU s",
                             "scanned peak RSS MiB", "scanned / unrolled CPU",
