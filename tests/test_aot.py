@@ -97,8 +97,11 @@ def test_paper_preset_compiles_and_fits_a_v5e_slice(family, tmp_path, capsys):
   n_params = model_lib.count_params(cfg.model)
   assert 0.9 < train.arguments / (12 * n_params / 128) < 1.5, train.arguments
   assert train.temporaries > 2048 * cfg.model.d_model * 2
-  # remat=full recomputes the forward pass: XLA counts ~4/3 of flops.py's 3 x forward.
+  # XLA counts the scan body once: compared with flops.py's count of the layers it sees, it
+  # adds remat's recomputed forward and leaves out what flops.py counts whole (measured on CPU
+  # for the 880M shapes: 1.04-1.05 with remat=full, 0.95 without).
   report = json.loads((tmp_path / "compile.json").read_text())
-  ratio = train.xla_flops_per_chip * 128 / report["counted_flops_per_step"]
-  assert 0.9 < ratio < 2.0, ratio
+  assert report["counted_flops_as_xla_counts"] < report["counted_flops_per_step"]
+  ratio = train.xla_flops_per_chip * 128 / report["counted_flops_as_xla_counts"]
+  assert 0.85 < ratio < 1.6, ratio
   assert 0 < train.host_peak_bytes < 8 * aot.GIB
