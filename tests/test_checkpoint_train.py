@@ -136,6 +136,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, uninterr
   assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
 
 
+@pytest.mark.slow  # test_checkpoint.py checks the SIGTERM save in-process
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, uninterrupted):
   workdir = str(tmp_path / "run")
   cmd = _cmd(workdir, every_steps=1000)  # no periodic save: only the SIGTERM one

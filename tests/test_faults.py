@@ -71,6 +71,7 @@ def _lines(text: str) -> list[str]:
   return [l for l in text.splitlines() if l.strip()]
 
 
+@pytest.mark.slow  # three train.py runs; test_lease.py and test_checkpoint.py cover the parts
 def test_second_launch_refused_ctrl_c_saves_and_resume_keeps_one_record_per_step(tmp_path):
   """A job launched twice: the second exits at once naming the first. Ctrl-C stops the first
   with a save. The resumed run finishes with each step once in metrics.jsonl and TensorBoard

@@ -123,6 +123,7 @@ def test_retrofit_bad_source_is_a_clear_error(tmp_path):
     retrofit.retrofit(str(tmp_path / "empty"), cfg, abstract["params"])
 
 
+@pytest.mark.slow  # two train.py runs; the in-process retrofit tests above cover the logic
 def test_retrofit_through_train_py(tmp_path):
   """`--config.checkpoint.init_from=<baseline run>`: the MTA run's first training loss equals
   that of the baseline model continuing from the same weights on the same first batch."""
