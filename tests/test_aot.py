@@ -80,11 +80,12 @@ def test_embedding_under_tensor_parallelism(capfd):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["baseline", "mta"])
 def test_paper_preset_compiles_and_fits_a_v5e_slice(family, tmp_path, capsys):
-  """The paper's 300M preset at its batch (128 x 2048, one row per chip), scanned, remat=full,
-  fsdp over the 128 chips of v5e:8x16: it fits a 16 GiB chip, and the report adds up."""
+  """The paper's 880M preset at its batch (128 x 2048, one row per chip), scanned, remat=full,
+  fsdp over the 128 chips of v5e:8x16 (a row of docs/SCALING.md's preset table): it fits a
+  16 GiB chip, and the report adds up."""
   from configs import paper
   from mta_jax import model as model_lib
-  cfg = paper.get("300m", family)
+  cfg = paper.get("880m", family)
   cfg.model.scan_layers = True
   cfg.compile.topology = "v5e:8x16"
   cfg.compile.eval_step = False
