@@ -82,7 +82,7 @@ def test_embedding_under_tensor_parallelism(capfd):
 def test_paper_preset_compiles_and_fits_a_v5e_slice(family, tmp_path, capsys):
   """The paper's 880M preset at its batch (128 x 2048, one row per chip), scanned, remat=full,
   fsdp over the 128 chips of v5e:8x16 (a row of docs/SCALING.md's preset table): it fits a
-  16 GiB chip, and the report adds up. The baseline compiles in ~6 minutes and 1.6 GiB of host
+  16 GiB chip, and the report adds up. The baseline compiles in 3-6 minutes and 1.6 GiB of host
   memory on a loaded 2-core host; the MTA compile needs more than 8 GiB of host memory and
   25 minutes there."""
   from configs import paper
