@@ -63,6 +63,7 @@ class CompileReport:
   code: int
   xla_flops_per_chip: float | None
   xla_bytes_per_chip: float | None
+  host_peak_bytes: int = 0         # this process's peak resident memory after the compile
 
   @property
   def total(self) -> int:
@@ -139,6 +140,21 @@ def _cost(compiled) -> tuple[float | None, float | None]:
   return cost.get("flops"), cost.get("bytes accessed")
 
 
+def host_peak_bytes() -> int:
+  """This process's peak resident memory (Linux VmHWM; elsewhere getrusage's ru_maxrss)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  import resource
+  import sys
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss if sys.platform == "darwin" else rss * 1024
+
+
 def _report(name: str, seconds: float, cpu_seconds: float, compiled) -> CompileReport:
   m = compiled.memory_analysis()
   get = lambda attr: int(getattr(m, attr, 0) or 0) if m is not None else 0
@@ -146,7 +162,7 @@ def _report(name: str, seconds: float, cpu_seconds: float, compiled) -> CompileR
   return CompileReport(name, seconds, cpu_seconds, get("argument_size_in_bytes"),
                        get("output_size_in_bytes"), get("temp_size_in_bytes"),
                        get("alias_size_in_bytes"), get("generated_code_size_in_bytes"), flops,
-                       bytes_)
+                       bytes_, host_peak_bytes())
 
 
 def _save(compiled, save_dir: str, name: str) -> list[str]:
@@ -171,9 +187,9 @@ def compile_steps(cfg: TrainConfig, devices: list | None = None,
   checked.data.source = "synthetic"
   config_lib.validate(checked, len(devices), 1)
   mesh = compile_mesh(cfg, devices, cfg.compile.num_slices)
-  defs, abstract = train_lib._abstract(cfg)  # pylint: disable=protected-access
+  defs, abstract = train_lib.abstract_defs_and_state(cfg)
   shardings = train_lib.train_state_shardings(abstract, mesh)
-  state = train_lib._with_shardings(abstract, shardings)  # pylint: disable=protected-access
+  state = train_lib.with_shardings(abstract, shardings)
   # Built here, outside the mesh: the train step closes over a concrete PRNG key.
   train_step = train_lib.jit_train_step(cfg, defs, shardings, mesh)
   eval_step = train_lib.jit_eval_step(cfg, defs, shardings, mesh) if cfg.compile.eval_step else None
@@ -191,6 +207,18 @@ def compile_steps(cfg: TrainConfig, devices: list | None = None,
   return mesh, reports
 
 
+def counted_flops_as_xla_counts(cfg: TrainConfig) -> float:
+  """flops.py's count of what XLA's cost analysis sees: it counts a loop body once, so with
+  scanned layers only one period of the scanned run (plus the unrolled layers) is counted."""
+  from mta_jax import model as model_lib  # local: model pulls in flax
+  if not cfg.model.scan_layers:
+    return flops_lib.train_flops_per_step(cfg)
+  plan = model_lib.scan_plan(cfg.model)
+  once = copy.deepcopy(cfg)
+  once.model.n_layers -= max(plan.repeats - 1, 0) * plan.period
+  return flops_lib.train_flops_per_step(once)
+
+
 def _gib(b: float) -> str:
   return f"{b / GIB:.2f} GiB"
 
@@ -205,8 +233,8 @@ def format_report(cfg: TrainConfig, mesh: Mesh, reports: list[CompileReport], hb
            f"scan_layers={cfg.model.scan_layers}, remat={cfg.model.remat}"]
   for r in reports:
     hbm_txt = f" of {_gib(hbm)} HBM ({100 * r.total / hbm:.0f}%)" if hbm else ""
-    lines.append(f"{r.name}: compiled in {r.seconds:.1f} s ({r.cpu_seconds:.1f} s CPU); per chip: "
-                 f"arguments "
+    lines.append(f"{r.name}: compiled in {r.seconds:.1f} s ({r.cpu_seconds:.1f} s CPU, host peak "
+                 f"memory {_gib(r.host_peak_bytes)}); per chip: arguments "
                  f"{_gib(r.arguments)}, outputs {_gib(r.outputs)}, temporaries "
                  f"{_gib(r.temporaries)}, aliased {_gib(r.aliased)}, total {_gib(r.total)}"
                  f"{hbm_txt}")
@@ -215,6 +243,10 @@ def format_report(cfg: TrainConfig, mesh: Mesh, reports: list[CompileReport], hb
         xla = r.xla_flops_per_chip * n_chips
         lines.append(f"  FLOPs per step: XLA {xla:.3e} ({r.xla_flops_per_chip:.3e} per chip), "
                      f"flops.py {counted:.3e} (XLA / counted = {xla / counted:.2f})")
+        if cfg.model.scan_layers:
+          once = counted_flops_as_xla_counts(cfg)
+          lines.append(f"  XLA counts the scanned period once: flops.py for the layers it counts "
+                       f"{once:.3e} (XLA / that = {xla / once:.2f})")
       if r.xla_bytes_per_chip:
         lines.append(f"  XLA bytes accessed per chip per step: {r.xla_bytes_per_chip:.3e}")
   return "\n".join(lines)
@@ -253,6 +285,7 @@ def compile_main(cfg: TrainConfig, workdir: str) -> list[CompileReport]:
     with open(os.path.join(workdir, "compile.json"), "w") as f:
       json.dump({"topology": c.topology, "num_slices": c.num_slices, "hbm_bytes": hbm,
                  "counted_flops_per_step": flops_lib.train_flops_per_step(cfg),
+                 "counted_flops_as_xla_counts": counted_flops_as_xla_counts(cfg),
                  "reports": [dict(dataclasses.asdict(r), total=r.total) for r in reports],
                  "config": config_lib.to_dict(cfg)}, f, indent=2, default=str)
   if save_dir:

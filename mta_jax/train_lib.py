@@ -77,7 +77,8 @@ def _build(cfg: TrainConfig, seed) -> tuple[GraphDefs, TrainState]:
   return GraphDefs(model_def, opt_def), state
 
 
-def _abstract(cfg: TrainConfig) -> tuple[GraphDefs, TrainState]:
+def abstract_defs_and_state(cfg: TrainConfig) -> tuple[GraphDefs, TrainState]:
+  """The graph definitions and the TrainState as ShapeDtypeStructs (nothing allocated)."""
   box = {}
 
   def init(seed):
@@ -95,7 +96,8 @@ def train_state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
                     opt_state=sharding.state_shardings(abstract.opt_state, mesh))
 
 
-def _with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
+def with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
+  """`abstract` with each leaf's NamedSharding from `shardings` (a prefix tree of it)."""
   return jax.tree.map(
       lambda sh, sub: jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), sub),
@@ -107,10 +109,10 @@ def abstract_train_state(cfg: TrainConfig, mesh: Mesh | None = None) -> TrainSta
 
   Nothing is allocated; this is what a checkpoint restores into.
   """
-  _, abstract = _abstract(cfg)
+  _, abstract = abstract_defs_and_state(cfg)
   if mesh is None:
     return abstract
-  return _with_shardings(abstract, train_state_shardings(abstract, mesh))
+  return with_shardings(abstract, train_state_shardings(abstract, mesh))
 
 
 def create_state(cfg: TrainConfig, shardings: TrainState) -> TrainState:
@@ -121,7 +123,7 @@ def create_state(cfg: TrainConfig, shardings: TrainState) -> TrainState:
 
 def init_train_state(cfg: TrainConfig, mesh: Mesh) -> tuple[GraphDefs, TrainState, TrainState]:
   """(graphdefs, state, shardings) on `mesh` (see `create_state`)."""
-  defs, abstract = _abstract(cfg)
+  defs, abstract = abstract_defs_and_state(cfg)
   shardings = train_state_shardings(abstract, mesh)
   with jax.set_mesh(mesh):
     state = create_state(cfg, shardings)
@@ -360,7 +362,7 @@ class _Run:
 
 def _restore_or_init(run: _Run, abstract: TrainState, shardings: TrainState) -> None:
   cfg = run.cfg
-  restored = run.ckpt.restore_latest(_with_shardings(abstract, shardings), run.data_iter)
+  restored = run.ckpt.restore_latest(with_shardings(abstract, shardings), run.data_iter)
   if restored is None:
     run.state = create_state(cfg, shardings)
     run.start, run.fresh = 0, True
@@ -530,7 +532,7 @@ def _quiet_close(ckpt) -> None:
 
 def _run_training(run: _Run) -> None:
   cfg = run.cfg
-  run.defs, abstract = _abstract(cfg)
+  run.defs, abstract = abstract_defs_and_state(cfg)
   shardings = train_state_shardings(abstract, run.mesh)
   with jax.set_mesh(run.mesh):
     _restore_or_init(run, abstract, shardings)
@@ -588,11 +590,11 @@ def save_pictures(cfg: TrainConfig, defs: GraphDefs, state: TrainState, workdir:
 def evaluate_main(cfg: TrainConfig, workdir: str) -> dict:
   """Restores the latest checkpoint in `workdir` and evaluates it."""
   mesh = setup(cfg)
-  defs, abstract = _abstract(cfg)
+  defs, abstract = abstract_defs_and_state(cfg)
   shardings = train_state_shardings(abstract, mesh)
   ckpt = checkpoint.Checkpointer(workdir, cfg, read_only=True)
   with jax.set_mesh(mesh):
-    restored = ckpt.restore_latest(_with_shardings(abstract, shardings))
+    restored = ckpt.restore_latest(with_shardings(abstract, shardings))
     if restored is None:
       ckpt.close()
       raise checkpoint.CheckpointError(
