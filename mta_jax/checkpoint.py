@@ -461,7 +461,7 @@ class Checkpointer:
 
   def _data_signature(self) -> dict:
     if self._data_sig is None:
-      self._data_sig = _data_signature_of(self.cfg)
+      self._data_sig = data_signature(self.cfg)
     return self._data_sig
 
   def _quarantine(self, step: int) -> None:
@@ -588,7 +588,7 @@ def _file_sha256(path: str) -> str | None:
     return None
 
 
-def _data_signature_of(cfg: config_lib.TrainConfig) -> dict:
+def data_signature(cfg: config_lib.TrainConfig) -> dict:
   """What the training data stream depends on: the data settings that matter for the source
   and the sha256 of the tokenizer file (its content, not only its size or path)."""
   d = cfg.data
