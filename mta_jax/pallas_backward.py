@@ -40,8 +40,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mta_jax.pallas_kernel import (LANES, NEG, SUBLANES, _conv_one, _dot, _head_loop, _mixed,
-                                   _valid, compiler_params)
+from mta_jax.pallas_kernel import (LANES, NEG, SUBLANES, conv_one, dot, head_loop, mixed,
+                                   valid, compiler_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,22 +113,22 @@ class _Tile:
       seg_in = refs["segq"][:, :1]     # [q_rows, 1]
       seg_cols = refs["segk"][:1, :]   # [1, k_cols]
     self.seg_in = seg_in
-    self.ok_in = (_valid(bp, i * bq - hr, bp.q_rows, j * bk - 2 * hc, bp.k_cols, seg_in,
+    self.ok_in = (valid(bp, i * bq - hr, bp.q_rows, j * bk - 2 * hc, bp.k_cols, seg_in,
                          seg_cols) if bp.has_pre else None)
     seg_xr = None if seg_in is None else seg_in[hr:hr + bp.rows_x]
     seg_xc = None if seg_cols is None else seg_cols[:, hc:hc + bp.cols_x]
     self.seg_xr = seg_xr
-    ok_x = _valid(bp, i * bq, bp.rows_x, j * bk - hc, bp.cols_x, seg_xr, seg_xc)
+    ok_x = valid(bp, i * bq, bp.rows_x, j * bk - hc, bp.cols_x, seg_xr, seg_xc)
     row = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bp.rows_x, bp.cols_x), 0)
     self.ok_x = ok_x & (row < bp.length)  # padded rows past the end carry no gradient
     seg_or = None if seg_xr is None else seg_xr[:bq]
     seg_oc = None if seg_xc is None else seg_xc[:, hc:hc + bk]
-    self.ok_own = _valid(bp, i * bq, bq, j * bk, bk, seg_or, seg_oc)
+    self.ok_own = valid(bp, i * bq, bq, j * bk, bk, seg_or, seg_oc)
 
 
 def _s0(bp, refs, tile, h):
   """S0 = QK^T / sqrt(d) on the q / k windows, Mask_0 applied if a pre op follows."""
-  s = _dot(refs["q"][h], refs["k"][h], ((1,), (1,))) / math.sqrt(bp.head_dim)
+  s = dot(refs["q"][h], refs["k"][h], ((1,), (1,))) / math.sqrt(bp.head_dim)
   return jnp.where(tile.ok_in, s, 0.0) if bp.has_pre else s
 
 
@@ -138,14 +138,14 @@ def _c(bp, refs, tile, head0, h):
   if bp.c_pre is None:
     return s[:bp.rows_x, :bp.cols_x]
   c_q, c_k = bp.c_pre
-  return _conv_one(s, refs["w_pre"], head0 + h, c_q, c_k, bp.rows_x, bp.cols_x, tile.seg_in)
+  return conv_one(s, refs["w_pre"], head0 + h, c_q, c_k, bp.rows_x, bp.cols_x, tile.seg_in)
 
 
 def _p_and_dx(bp, refs, tile, o, x):
   """P_o and dX_o on the x region from the final logits x (before the NEG mask)."""
   x = jnp.where(tile.ok_x, x, NEG)
   p = jnp.where(tile.ok_x, jnp.exp(x - refs["lse"][o][:, :1]), 0.0)
-  dp = _dot(refs["do"][o], refs["v"][o], ((1,), (1,)))[:, :bp.cols_x]
+  dp = dot(refs["do"][o], refs["v"][o], ((1,), (1,)))[:, :bp.cols_x]
   return p, p * (dp - refs["di"][o][:, :1])
 
 
@@ -223,28 +223,28 @@ def _tile_ds(bp, refs, tile, head0, *, on_p, on_ds, weight_grads):
       if weight_grads and bp.c_pre is not None:
         _kernel_grad_partials(bp, refs, tile, h, dx)
       on_ds(h, _ds_own(bp, refs, tile, head0 + h, dx))
-    _head_loop(hp, per_head)
+    head_loop(hp, per_head)
     return
 
   def store_c(h):
     refs["spre"][h] = _c(bp, refs, tile, head0, h)
-  _head_loop(hp, store_c)
+  head_loop(hp, store_c)
 
   def per_out_head(o):
-    p, dx = _p_and_dx(bp, refs, tile, o, _mixed(refs["spre"], refs["mix_pre"], head0, o,
+    p, dx = _p_and_dx(bp, refs, tile, o, mixed(refs["spre"], refs["mix_pre"], head0, o,
                                                   bp.c_h_pre))
     on_p(o, p)
     if weight_grads:
       _mix_grad_partials(bp, refs, o, dx)
     refs["sdx"][o] = dx
-  _head_loop(hp, per_out_head)
+  head_loop(hp, per_out_head)
 
   def per_in_head(h):
     dc = _mixed_t(refs["sdx"], refs["mix_pre"], head0, h, bp.c_h_pre)
     if weight_grads and bp.c_pre is not None:
       _kernel_grad_partials(bp, refs, tile, h, dc)
     on_ds(h, _ds_own(bp, refs, tile, head0 + h, dc))
-  _head_loop(hp, per_in_head)
+  head_loop(hp, per_in_head)
 
 
 def _mixed_t(src_ref, w_ref, head0, h, c_h):
@@ -279,7 +279,7 @@ def _dq_kernel(bp, names, *refs):
 
     def on_ds(h, ds):
       k_own = refs["k"][h].astype(jnp.float32)[k_lo:k_lo + bp.block_k]  # f32: see Precision
-      refs["dq_acc"][h] = refs["dq_acc"][h] + _dot(ds, k_own, ((1,), (0,)))
+      refs["dq_acc"][h] = refs["dq_acc"][h] + dot(ds, k_own, ((1,), (0,)))
     _tile_ds(bp, refs, tile, head0, on_p=lambda o, p: None, on_ds=on_ds, weight_grads=True)
 
   @pl.when(j == pl.num_programs(3) - 1)
@@ -308,12 +308,12 @@ def _dkv_kernel(bp, names, *refs):
     def on_p(o, p):
       do_own = refs["do"][o][:bq]
       p_own = p[:bq, hc:hc + bk]
-      refs["dv_acc"][o] = refs["dv_acc"][o] + _dot(p_own.T.astype(do_own.dtype), do_own,
+      refs["dv_acc"][o] = refs["dv_acc"][o] + dot(p_own.T.astype(do_own.dtype), do_own,
                                                    ((1,), (0,)))
 
     def on_ds(h, ds):
       q_own = refs["q"][h].astype(jnp.float32)[hr:hr + bq]
-      refs["dk_acc"][h] = refs["dk_acc"][h] + _dot(ds.T, q_own, ((1,), (0,)))
+      refs["dk_acc"][h] = refs["dk_acc"][h] + dot(ds.T, q_own, ((1,), (0,)))
     _tile_ds(bp, refs, tile, head0, on_p=on_p, on_ds=on_ds, weight_grads=False)
 
   @pl.when(i == pl.num_programs(3) - 1)

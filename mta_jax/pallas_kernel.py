@@ -12,7 +12,7 @@ exactly the op of docs/MTA.md restricted to its tile (the order of the stages is
     A -> post conv -> Mask_0 -> post mix -> accumulate A V
 
 Everything is written on 2-D [rows, columns] tiles, one head at a time: a loop over the heads
-of the program (`_head_loop`; unrolling them made Mosaic keep every head's tiles live in VMEM),
+of the program (`head_loop`; unrolling them made Mosaic keep every head's tiles live in VMEM),
 static loops over conv taps (c_q * c_k scalar-times-shifted-tile multiply-adds), head mixing
 from a VMEM scratch holding the group's tiles (c_h scalar-times-tile multiply-adds per head).
 Per-head 2-D matmuls and elementwise ops are what Mosaic lowers most reliably.
@@ -32,7 +32,7 @@ LANES, SUBLANES = 128, 8
 NEG = -1e30  # finite "-inf" for masked logits: exp(NEG - m) is exactly 0 for every real m
 
 
-def _dot(a, b, contract):
+def dot(a, b, contract):
   # Explicit DEFAULT for bf16: a global "highest" matmul precision would ask Mosaic for an fp32
   # contraction of bf16 operands, which it rejects.
   prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
@@ -40,7 +40,7 @@ def _dot(a, b, contract):
                              precision=prec)
 
 
-def _valid(plan, row0, rows, col0, cols, seg_rows, seg_cols):
+def valid(plan, row0, rows, col0, cols, seg_rows, seg_cols):
   """[rows, cols] bool: absolute query row0 + r may attend key col0 + c (causal, same doc)."""
   r = row0 + jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
   c = col0 + jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
@@ -50,7 +50,7 @@ def _valid(plan, row0, rows, col0, cols, seg_rows, seg_cols):
   return ok
 
 
-def _conv_one(x, w_ref, head, c_q, c_k, out_rows, out_cols, seg_rows):
+def conv_one(x, w_ref, head, c_q, c_k, out_rows, out_cols, seg_rows):
   """Depthwise key-query conv of one head's tile (a cross-correlation, docs/MTA.md).
 
   x: [out_rows + c_q - 1, >= out_cols + c_k - 1] whose (0, 0) is the tap [0, 0] of output
@@ -72,7 +72,7 @@ def _conv_one(x, w_ref, head, c_q, c_k, out_rows, out_cols, seg_rows):
   return out
 
 
-def _head_loop(n, body):
+def head_loop(n, body):
   """`body(h)` for h in [0, n): a loop, not an unrolled sequence (one head's tiles live at a
   time, which keeps Mosaic's VMEM bounded for any number of heads per program)."""
   if n == 1:
@@ -84,7 +84,7 @@ def _head_loop(n, body):
   jax.lax.fori_loop(0, n, step, 0)
 
 
-def _mixed(src_ref, w_ref, head0, o, c_h):
+def mixed(src_ref, w_ref, head0, o, c_h):
   """Head mixing (Eq. 7) for local output head o: sum_i W[group, o', i] * src_ref[base + i],
   with the group's tiles read from a VMEM scratch (one input tile live at a time)."""
   glob = head0 + o
@@ -115,22 +115,22 @@ class _Tile:
       seg_r = refs["segq"][:, :1]   # [rows_in, 1]
       seg_c = refs["segk"][:1, :]   # [1, cols_in]
     self.seg_in = seg_r
-    self.ok_in = (_valid(plan, self.row_w0, plan.q_rows, self.col_w0, plan.k_cols, seg_r, seg_c)
+    self.ok_in = (valid(plan, self.row_w0, plan.q_rows, self.col_w0, plan.k_cols, seg_r, seg_c)
                   if plan.has_pre else None)
     self.seg_r = None if seg_r is None else seg_r[hr_pre:]
     self.seg_c = None if seg_c is None else seg_c[:, hc_pre:hc_pre + self.cols_out]
-    self.ok = _valid(plan, self.row_w0 + hr_pre, self.rows_out, self.col_w0 + hc_pre,
+    self.ok = valid(plan, self.row_w0 + hr_pre, self.rows_out, self.col_w0 + hc_pre,
                      self.cols_out, self.seg_r, self.seg_c)
 
 
 def _pre_head(plan, refs, tile, head0, h):
   """One head's S after Mask_0 and the pre conv (before mixing): [rows_out, cols_out]."""
-  s = _dot(refs["q"][h], refs["k"][h], ((1,), (1,))) / math.sqrt(plan.head_dim)
+  s = dot(refs["q"][h], refs["k"][h], ((1,), (1,))) / math.sqrt(plan.head_dim)
   if plan.has_pre:
     s = jnp.where(tile.ok_in, s, 0.0)                            # Mask_0
   if plan.c_pre is not None:
     c_q, c_k = plan.c_pre
-    return _conv_one(s, refs["w_pre"], head0 + h, c_q, c_k, tile.rows_out, tile.cols_out,
+    return conv_one(s, refs["w_pre"], head0 + h, c_q, c_k, tile.rows_out, tile.cols_out,
                      tile.seg_in)
   return s[plan.halo_rows_pre:, :tile.cols_out]
 
@@ -139,16 +139,16 @@ def _for_each_logits(plan, refs, tile, head0, consume):
   """consume(o, S_o) for every local head o, S_o the final pre-softmax logits (masked with
   NEG). With pre mixing the unmixed tiles go through the "spre" VMEM scratch first."""
   if plan.c_h_pre is None:
-    _head_loop(plan.heads_per_program,
+    head_loop(plan.heads_per_program,
                lambda h: consume(h, jnp.where(tile.ok, _pre_head(plan, refs, tile, head0, h),
                                               NEG)))
     return
   spre = refs["spre"]
   def store(h):
     spre[h] = _pre_head(plan, refs, tile, head0, h)
-  _head_loop(plan.heads_per_program, store)
-  _head_loop(plan.heads_per_program, lambda o: consume(
-      o, jnp.where(tile.ok, _mixed(spre, refs["mix_pre"], head0, o, plan.c_h_pre), NEG)))
+  head_loop(plan.heads_per_program, store)
+  head_loop(plan.heads_per_program, lambda o: consume(
+      o, jnp.where(tile.ok, mixed(spre, refs["mix_pre"], head0, o, plan.c_h_pre), NEG)))
 
 
 def _should_run(plan, i, j):
@@ -202,7 +202,7 @@ def _post_ok(plan, tile, i, j):
     hr, hc = plan.halo_rows_post, plan.halo_cols_post
     seg_r, seg_c = seg_r[hr:], seg_c[:, hc:hc + plan.block_k]
   bq, bk = plan.block_q, plan.block_k
-  return _valid(plan, i * bq, bq, j * bk, bk, seg_r, seg_c)
+  return valid(plan, i * bq, bq, j * bk, bk, seg_r, seg_c)
 
 
 def _post_pass(plan, refs, tile, head0, i, j):
@@ -211,13 +211,13 @@ def _post_pass(plan, refs, tile, head0, i, j):
   ok = _post_ok(plan, tile, i, j)
 
   def add_av(o, a):
-    acc_ref[o] = acc_ref[o] + _dot(a.astype(v_ref.dtype), v_ref[o], ((1,), (0,)))
+    acc_ref[o] = acc_ref[o] + dot(a.astype(v_ref.dtype), v_ref[o], ((1,), (0,)))
 
   def consume(o, x):
     a = jnp.where(tile.ok, jnp.exp(x - lse[o][:, :1]), 0.0)
     if plan.c_post is not None:
       c_q, c_k = plan.c_post
-      a = _conv_one(a, refs["w_post"], head0 + o, c_q, c_k, plan.block_q, plan.block_k,
+      a = conv_one(a, refs["w_post"], head0 + o, c_q, c_k, plan.block_q, plan.block_k,
                     tile.seg_r)
     a = jnp.where(ok, a, 0.0)                                      # Mask_0
     if plan.c_h_post is None:
@@ -227,8 +227,8 @@ def _post_pass(plan, refs, tile, head0, i, j):
 
   _for_each_logits(plan, refs, tile, head0, consume)
   if plan.c_h_post is not None:
-    _head_loop(plan.heads_per_program, lambda o: add_av(
-        o, _mixed(refs["apost"], refs["mix_post"], head0, o, plan.c_h_post)))
+    head_loop(plan.heads_per_program, lambda o: add_av(
+        o, mixed(refs["apost"], refs["mix_post"], head0, o, plan.c_h_post)))
 
 
 def _online_pass(plan, refs, tile, head0):
@@ -242,7 +242,7 @@ def _online_pass(plan, refs, tile, head0):
     p = jnp.exp(x - m_new)
     l_ref[h] = jnp.broadcast_to(l_prev * alpha + p.sum(axis=1, keepdims=True), l_ref.shape[1:])
     m_ref[h] = jnp.broadcast_to(m_new, m_ref.shape[1:])
-    acc_ref[h] = acc_ref[h] * alpha + _dot(p.astype(v_ref.dtype), v_ref[h], ((1,), (0,)))
+    acc_ref[h] = acc_ref[h] * alpha + dot(p.astype(v_ref.dtype), v_ref[h], ((1,), (0,)))
 
   _for_each_logits(plan, refs, tile, head0, consume)
 
