@@ -63,7 +63,7 @@ DEFAULT_BLOCK_K = 128
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Plan(pk.TileGrid):
   """Static tiling of one call (hashable: it parameterises the kernels)."""
   batch: int
   length: int
@@ -96,20 +96,8 @@ class Plan:
     return 0 if self.c_post is None else self.c_post[1] // 2
 
   @property
-  def has_pre(self) -> bool:
-    return self.c_pre is not None or self.c_h_pre is not None
-
-  @property
   def has_post(self) -> bool:
     return self.c_post is not None or self.c_h_post is not None
-
-  @property
-  def n_q(self) -> int:
-    return -(-self.length // self.block_q)
-
-  @property
-  def n_k(self) -> int:
-    return -(-self.length // self.block_k)
 
   @property
   def q_rows(self) -> int:

@@ -41,11 +41,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mta_jax.pallas_kernel import (LANES, NEG, SUBLANES, conv_one, dot, head_loop, mixed,
-                                   valid, compiler_params)
+                                   valid, compiler_params, TileGrid)
 
 
 @dataclasses.dataclass(frozen=True)
-class BwdPlan:
+class BwdPlan(TileGrid):
   """Static tiling of the backward (hashable: it parameterises the kernels)."""
   batch: int
   length: int
@@ -66,18 +66,6 @@ class BwdPlan:
   @property
   def hc(self) -> int:      # conv column halo (c_k // 2)
     return 0 if self.c_pre is None else self.c_pre[1] // 2
-
-  @property
-  def has_pre(self) -> bool:
-    return self.c_pre is not None or self.c_h_pre is not None
-
-  @property
-  def n_q(self) -> int:
-    return -(-self.length // self.block_q)
-
-  @property
-  def n_k(self) -> int:
-    return -(-self.length // self.block_k)
 
   @property
   def rows_x(self) -> int:  # rows of the x region (P, dX, dC)

@@ -96,6 +96,23 @@ def mixed(src_ref, w_ref, head0, o, c_h):
   return jax.lax.fori_loop(1, c_h, step, w_ref[row] * src_ref[base])
 
 
+class TileGrid:
+  """What the forward and backward plans (ops_pallas.Plan, pallas_backward.BwdPlan) derive
+  alike from their fields: the grid's tile counts and whether any pre-softmax op is on."""
+
+  @property
+  def has_pre(self) -> bool:
+    return self.c_pre is not None or self.c_h_pre is not None
+
+  @property
+  def n_q(self) -> int:
+    return -(-self.length // self.block_q)
+
+  @property
+  def n_k(self) -> int:
+    return -(-self.length // self.block_k)
+
+
 class _Tile:
   """Masks and segment ids of one (query block i, key block j) tile, shared by all heads.
 
