@@ -176,6 +176,65 @@ def head_mix_2d(x_BxHxRxC: Array, w_GxCxC: Array) -> Array:
   return y.reshape(b, h, r, c)
 
 
+def _mix_heads_elementwise(x_BxGxCxRxK: Array, w_GxOxI: Array) -> Array:
+  """y[b, g, o] = sum_i w[g, o, i] * x[b, g, i]: c_h multiply-adds of whole [R, K] slabs."""
+  out = None
+  for i in range(w_GxOxI.shape[-1]):
+    t = w_GxOxI[None, :, :, i, None, None] * x_BxGxCxRxK[:, :, i:i + 1]
+    out = t if out is None else out + t
+  return out
+
+
+@jax.custom_vjp
+def head_mix_elementwise(x_BxHxRxC: Array, w_GxCxC: Array) -> Array:
+  """ops.head_mix as c_h elementwise multiply-adds per output head, in x's dtype (float32 here).
+
+  The TPU path of the chunked op: a float32 matmul at Precision.HIGHEST with a contraction of
+  only c_h (head_mix_2d) is emitted by the TPU compiler as a multi-pass bf16 kernel that took
+  4-5x longer to compile than the rest of the op together (docs/SCALING.md); these
+  multiply-adds are exact float32 without it. The VJP is written by hand (below) so that the
+  weight gradient is one pass over the slab rather than c_h * c_h reductions.
+  """
+  b, h, r, c = x_BxHxRxC.shape
+  groups, c_h, _ = w_GxCxC.shape
+  y = _mix_heads_elementwise(x_BxHxRxC.reshape(b, groups, c_h, r, c),
+                             w_GxCxC.astype(x_BxHxRxC.dtype))
+  return y.reshape(b, h, r, c)
+
+
+def _head_mix_elementwise_fwd(x, w):
+  return head_mix_elementwise(x, w), (x, w)
+
+
+def _head_mix_elementwise_bwd(res, g):
+  x, w = res
+  b, h, r, c = x.shape
+  groups, c_h, _ = w.shape
+  g5 = g.reshape(b, groups, c_h, r, c)
+  # dx[b, g, i] = sum_o w[g, o, i] * dy[b, g, o]: the same multiply-adds with w transposed.
+  dx = _mix_heads_elementwise(g5, jnp.swapaxes(w, 1, 2).astype(g.dtype)).reshape(x.shape)
+  # dw[g, o, i] = sum_{b, r, k} dy[b, g, o] * x[b, g, i]: one variadic reduction over the
+  # slab computes all c_h x c_h sums in one pass (a matmul over the slab at HIGHEST costs the
+  # TPU compiler as much as the forward GEMM did).
+  x5 = x.reshape(g5.shape)
+  prods = tuple(g5 * x5[:, :, i:i + 1] for i in range(c_h))
+  zeros = tuple(jnp.zeros((), g.dtype) for _ in prods)
+  sums = jax.lax.reduce(prods, zeros, lambda xs, ys: tuple(u + v for u, v in zip(xs, ys)),
+                        (0, 3, 4))
+  return dx, jnp.stack(sums, axis=-1).astype(w.dtype)
+
+
+head_mix_elementwise.defvjp(_head_mix_elementwise_fwd, _head_mix_elementwise_bwd)
+
+
+def head_mix_block(x_BxHxRxC: Array, w_GxCxC: Array) -> Array:
+  """The chunked op's head mixing: head_mix_elementwise when lowering for TPU, head_mix_2d
+  (one GEMM, measured faster on CPU) elsewhere; chosen at lowering time, so an ahead-of-time
+  compile for a TPU topology on a CPU host gets the TPU path."""
+  return jax.lax.platform_dependent(x_BxHxRxC, w_GxCxC, tpu=head_mix_elementwise,
+                                    default=head_mix_2d)
+
+
 # ---------------------------------------------------------------------------------------------
 # One query block.
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +275,7 @@ def _mta_block(q_blk, k_blk, v_blk, seg_rows, seg_cols, rm_pre, rm_post, kq_pre,
   if kq_pre is not None:
     s = conv(s, kq_pre.astype(f32), rm_pre)  # rows [row0 + halo_pre, row0 + rows)
   if mix_pre is not None:
-    s = head_mix_2d(s, mix_pre.astype(f32))
+    s = head_mix_block(s, mix_pre.astype(f32))
 
   lo = halo_pre
   mask = _block_mask(row0 + lo, rows - lo, cols, seg(lo), seg_cols)
@@ -230,7 +289,7 @@ def _mta_block(q_blk, k_blk, v_blk, seg_rows, seg_cols, rm_pre, rm_post, kq_pre,
   if kq_post is not None or mix_post is not None:
     p = jnp.where(mask, p, 0.0)  # Mask_0
   if mix_post is not None:
-    p = head_mix_2d(p, mix_post.astype(f32))
+    p = head_mix_block(p, mix_post.astype(f32))
   if dropout_rate > 0.0:
     keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, p.shape)
     p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)

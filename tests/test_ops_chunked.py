@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mta_jax import implementations, ops_chunked
+from mta_jax import implementations, ops, ops_chunked
 from mta_jax.implementations import multi_token_attention
 from mta_numpy import mta_numpy
 
@@ -182,3 +182,33 @@ def test_temp_memory_grows_linearly_in_length():
   small, large = temp(name, 256), temp(name, 1024)
   assert large / small < 5.0, (small, large)           # linear: ~4x for 4x T (quadratic: 16x)
   assert temp("xla", 1024) > 4 * large
+
+
+def test_elementwise_head_mix_matches_gemm_and_its_gradients():
+  """head_mix_elementwise (the TPU path) = head_mix_2d and ops.head_mix, values and VJP."""
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(2, H, 5, 7)).astype(np.float32)
+  g = rng.normal(size=x.shape).astype(np.float32)
+  for c_h in (1, 2, H):
+    w = rng.normal(size=(H // c_h, c_h, c_h)).astype(np.float32)
+    y, vjp = jax.vjp(ops_chunked.head_mix_elementwise, x, w)
+    y_ref, vjp_ref = jax.vjp(ops_chunked.head_mix_2d, x, w)
+    _assert_close(y, y_ref, FWD_TOL)
+    _assert_close(y, ops.head_mix(jnp.asarray(x), jnp.asarray(w)), FWD_TOL)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+      _assert_close(got, want, GRAD_TOL)
+
+
+def test_chunked_with_the_tpu_head_mix_matches_xla(monkeypatch):
+  """The chunked op with the head mixing it uses on TPU, forced here on CPU, is exact too."""
+  monkeypatch.setattr(ops_chunked, "head_mix_block", ops_chunked.head_mix_elementwise)
+  name = "chunked_tpu_mix_test"
+  implementations.IMPLEMENTATIONS[name] = ops_chunked.make_chunked(block=4, bands=2)
+  (q, k, v), weights, rng = _inputs(13, 2, 13, (3, 5), (2, 3), 2, "both")
+  seg = _segments(rng, 2, 13)
+  cot = rng.normal(size=q.shape).astype(np.float32)
+  out_ref, g_ref = _fwd_and_grads("xla", seg, (q, k, v, *weights), cot)
+  out, g = _fwd_and_grads(name, seg, (q, k, v, *weights), cot)
+  _assert_close(out, out_ref, FWD_TOL)
+  for got, want in zip(g, g_ref):
+    _assert_close(got, want, GRAD_TOL)
