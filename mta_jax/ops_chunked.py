@@ -18,7 +18,10 @@ The key-query convolution is a shift-and-add (c_q * c_k fused multiply-adds over
 of the block's logits) with a hand-written VJP; the kernel gradient is one variadic reduction
 per kernel row (its c_k sums in a single pass). On CPU, forward + backward is 5-7x faster than
 `conv_general_dilated` and than autodiff of the shift-and-add (whose kernel gradient becomes
-c_q * c_k separate passes over the slab). Head mixing is a plain 2-D matmul per (batch, group).
+c_q * c_k separate passes over the slab). Head mixing is a plain 2-D matmul per (batch, group)
+on CPU and GPU; lowered for TPU it is c_h elementwise float32 multiply-adds per head (the TPU
+compiler spends minutes on a HIGHEST-precision matmul with a contraction of 16; see
+`head_mix_elementwise` and docs/SCALING.md).
 Measurements of the alternatives (including the algebraic "wider attention" rewrite) are in
 docs/BENCHMARKS.md.
 
@@ -137,6 +140,89 @@ def _shift_conv_bwd(res, g):
 shift_conv.defvjp(_shift_conv_fwd, _shift_conv_bwd)
 
 
+# The same conv with a loop over the c_q kernel rows (c_k taps unrolled in the body): the TPU
+# path. Unrolled, the TPU compiler keeps many of the c_q * c_k lane-shifted copies of the slab as
+# separate buffers (the op's temporaries were ~6x the looped version's) and emits a kernel for
+# each; looped over rows it compiles ~2x faster (docs/SCALING.md). Same sums, same order per row.
+
+
+def _row_taps(xp, a, kernel, rows: int, cols: int):
+  """sum_c kernel[h, a, c] * xp[b, h, a + i, c + j] for kernel row `a` (a traced index)."""
+  xa = jax.lax.dynamic_slice_in_dim(xp, a, rows, 2)
+  w = jax.lax.dynamic_index_in_dim(kernel, a, 1, keepdims=False)  # [H, c_k]
+  term = None
+  for c in range(kernel.shape[2]):
+    t = w[None, :, c, None, None] * xa[:, :, :, c:c + cols]
+    term = t if term is None else term + t
+  return term
+
+
+def _row_mask(rmask, s):
+  return jax.lax.dynamic_index_in_dim(rmask, s, 1, keepdims=False)[:, None, :, None]
+
+
+def _shift_conv_looped_fwd_only(x, kernel, rmask):
+  _, _, rows_in, cols = x.shape
+  _, c_q, c_k = kernel.shape
+  half = (c_k - 1) // 2
+  rows = rows_in - (c_q - 1)
+  xp = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (half, half))) if half else x
+
+  def body(a, out):
+    term = _row_taps(xp, a, kernel, rows, cols)
+    return out + (term if rmask is None else term * _row_mask(rmask, c_q - 1 - a))
+
+  return jax.lax.fori_loop(0, c_q, body, jnp.zeros(x.shape[:2] + (rows, cols), x.dtype))
+
+
+@jax.custom_vjp
+def shift_conv_looped(x: Array, kernel: Array, rmask: Array | None) -> Array:
+  """`shift_conv` with a loop over kernel rows (the TPU path), hand-written VJP likewise."""
+  return _shift_conv_looped_fwd_only(x, kernel, rmask)
+
+
+def _shift_conv_looped_fwd(x, kernel, rmask):
+  return _shift_conv_looped_fwd_only(x, kernel, rmask), (x, kernel, rmask)
+
+
+def _shift_conv_looped_bwd(res, g):
+  x, kernel, rmask = res
+  _, _, rows_in, cols = x.shape
+  _, c_q, c_k = kernel.shape
+  half = (c_k - 1) // 2
+  rows = rows_in - (c_q - 1)
+  pad_cols = lambda y: jnp.pad(y, ((0, 0), (0, 0), (0, 0), (half, half))) if half else y
+  xp = pad_cols(x)
+  flipped = kernel[:, :, ::-1]  # dx reads the cotangent shifted the other way along columns
+
+  def body(dx, a):
+    gm = g if rmask is None else g * _row_mask(rmask, c_q - 1 - a)
+    # dx[a + i, j] += sum_c w[a, c] gm[i, j - (c - half)]
+    t = _row_taps(pad_cols(gm), 0, jax.lax.dynamic_slice_in_dim(flipped, a, 1, 1), rows, cols)
+    dx = jax.lax.dynamic_update_slice_in_dim(
+        dx, jax.lax.dynamic_slice_in_dim(dx, a, rows, 2) + t, a, 2)
+    # dw[h, a, c] = sum_{b, i, j} gm[i, j] x[i + a, j + c - half]: one variadic reduction.
+    xa = jax.lax.dynamic_slice_in_dim(xp, a, rows, 2)
+    prods = tuple(gm * xa[:, :, :, c:c + cols] for c in range(c_k))
+    zeros = tuple(jnp.zeros((), g.dtype) for _ in prods)
+    sums = jax.lax.reduce(prods, zeros, lambda xs, ys: tuple(u + v for u, v in zip(xs, ys)),
+                          (0, 3))
+    return dx, jnp.stack(sums, axis=-1).sum(axis=1)  # [H, c_k]
+
+  dx, dw = jax.lax.scan(body, jnp.zeros_like(x), jnp.arange(c_q))
+  drmask = None if rmask is None else jnp.zeros_like(rmask)
+  return dx, jnp.moveaxis(dw, 0, 1).astype(kernel.dtype), drmask
+
+
+shift_conv_looped.defvjp(_shift_conv_looped_fwd, _shift_conv_looped_bwd)
+
+
+def shift_conv_block(x: Array, kernel: Array, rmask: Array | None) -> Array:
+  """conv="shift": `shift_conv_looped` when lowering for TPU, `shift_conv` elsewhere (faster on
+  CPU: one fused pass over the slab)."""
+  return jax.lax.platform_dependent(x, kernel, rmask, tpu=shift_conv_looped, default=shift_conv)
+
+
 def xla_conv(x: Array, kernel: Array, rmask: Array | None) -> Array:
   """The same block conv with `conv_general_dilated` (ops.kq_conv_reference's primitive)."""
   heads = x.shape[1]
@@ -158,7 +244,8 @@ def xla_conv(x: Array, kernel: Array, rmask: Array | None) -> Array:
   return out
 
 
-_CONVS = {"shift": shift_conv, "xla": xla_conv}
+# "shift" looks shift_conv_block up at each call, so that tests can force the TPU path on CPU.
+_CONVS = {"shift": lambda x, kernel, rmask: shift_conv_block(x, kernel, rmask), "xla": xla_conv}
 
 
 def head_mix_2d(x_BxHxRxC: Array, w_GxCxC: Array) -> Array:

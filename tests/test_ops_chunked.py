@@ -148,6 +148,21 @@ def test_shift_conv_vjp_matches_autodiff_with_row_masks():
   _assert_close(ops_chunked.xla_conv(x, w, m), ops_chunked.shift_conv(x, w, m), FWD_TOL)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "row-masks"])
+def test_looped_shift_conv_matches_shift_conv(masked):
+  """shift_conv_looped (the TPU path) = shift_conv: values and both gradients."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 3, 10, 9)).astype(np.float32)     # 5 output rows + 5 halo rows
+  w = rng.normal(size=(3, 6, 5)).astype(np.float32)
+  m = (rng.random(size=(2, 6, 5)) < 0.7).astype(np.float32) if masked else None
+  g = rng.normal(size=(2, 3, 5, 9)).astype(np.float32)
+  y, vjp = jax.vjp(lambda x, w: ops_chunked.shift_conv_looped(x, w, m), x, w)
+  y_ref, vjp_ref = jax.vjp(lambda x, w: ops_chunked.shift_conv_autodiff(x, w, m), x, w)
+  _assert_close(y, y_ref, FWD_TOL)
+  for got, want in zip(vjp(g), vjp_ref(g)):
+    _assert_close(got, want, GRAD_TOL)
+
+
 def test_dropout_is_deterministic_per_key_and_unbiased():
   (q, k, v), (kp, kpo, mp, mpo), _ = _inputs(5, 1, 8, None, (2, 3), 2, "post")
   name = _register(3, 2)
@@ -200,8 +215,9 @@ def test_elementwise_head_mix_matches_gemm_and_its_gradients():
 
 
 def test_chunked_with_the_tpu_head_mix_matches_xla(monkeypatch):
-  """The chunked op with the head mixing it uses on TPU, forced here on CPU, is exact too."""
+  """The chunked op with the conv and head mixing it uses on TPU, forced here on CPU, is exact."""
   monkeypatch.setattr(ops_chunked, "head_mix_block", ops_chunked.head_mix_elementwise)
+  monkeypatch.setattr(ops_chunked, "shift_conv_block", ops_chunked.shift_conv_looped)
   name = "chunked_tpu_mix_test"
   implementations.IMPLEMENTATIONS[name] = ops_chunked.make_chunked(block=4, bands=2)
   (q, k, v), weights, rng = _inputs(13, 2, 13, (3, 5), (2, 3), 2, "both")
