@@ -2,7 +2,7 @@
 880M-shaped layer, ahead of time for one chip of a TPU topology, in fresh processes.
 
     python benchmarks/bench_op_compile.py                                # T = 512, v5e:2x2
-    python benchmarks/bench_op_compile.py --lengths 512,2048 --variants auto,gemm
+    python benchmarks/bench_op_compile.py --lengths 512,2048 --variants auto,before
     python benchmarks/bench_op_compile.py --variants auto --target cpu   # this host's CPU
 
 Shapes: batch 1 (one row per chip, as the paper presets on 128 chips), 16 heads of 96, bf16
@@ -11,11 +11,12 @@ over all 16 heads, segment ids, `jax.checkpoint` around the op (as model.remat=f
 for q, k, v and every weight. `make_chunked()`'s defaults (block 256, at most 4 bands) unless
 --block / --bands say otherwise.
 
-Variants (head mixing inside the op's blocks, and which parts are on):
-  auto         the op as it is: elementwise head mixing when lowering for TPU, GEMM elsewhere
-  gemm         head_mix_2d (float32 GEMM, Precision.HIGHEST, contraction 16) on every backend:
-               what the op did on TPU before
-  elementwise  head_mix_elementwise on every backend
+Variants (how the op's blocks mix heads and convolve, and which parts are on):
+  auto         the op as it is: on TPU elementwise head mixing (head_mix_elementwise) and the
+               conv looped over kernel rows (shift_conv_looped); elsewhere GEMM and unrolled conv
+  before       head_mix_2d (float32 GEMM, Precision.HIGHEST, contraction 16) and the unrolled
+               shift_conv on every backend: what the op did on TPU before
+  elementwise_unrolled   head_mix_elementwise and the unrolled shift_conv on every backend
   nokq_<v>     <v> without the key-query convs (head mixing only, the talking-heads layers)
   nomix        neither convs nor mixing (causal softmax through the chunked blocks)
 
@@ -50,10 +51,13 @@ def worker(cfg: dict) -> dict:
   from mta_jax import aot, ops_chunked
 
   variant = cfg["variant"]
-  mix = variant.removeprefix("nokq_")
-  if mix in ("gemm", "elementwise"):
-    ops_chunked.head_mix_block = {"gemm": ops_chunked.head_mix_2d,
-                                  "elementwise": ops_chunked.head_mix_elementwise}[mix]
+  paths = variant.removeprefix("nokq_")
+  if paths in ("before", "elementwise_unrolled"):  # one path on every backend
+    ops_chunked.shift_conv_block = ops_chunked.shift_conv
+    ops_chunked.head_mix_block = (ops_chunked.head_mix_2d if paths == "before"
+                                  else ops_chunked.head_mix_elementwise)
+  elif paths not in ("auto", "nomix"):
+    raise ValueError(f"unknown variant {variant!r}")
   kq_on = not variant.startswith("nokq_") and variant != "nomix"
   mix_on = variant != "nomix"
   device = jax.devices()[0] if cfg["target"] == "cpu" else aot.topology_devices(cfg["target"])[0]
@@ -98,7 +102,8 @@ def _locked(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-flags.DEFINE_string("variants", "gemm,auto,nokq_gemm,nokq_auto,nomix", "comma-separated")
+flags.DEFINE_string("variants", "before,elementwise_unrolled,auto,nokq_before,nokq_auto,nomix",
+                    "comma-separated")
 flags.DEFINE_string("lengths", "512", "comma-separated sequence lengths")
 flags.DEFINE_string("target", "v5e:2x2", "a TPU topology (one of its chips) or 'cpu'")
 flags.DEFINE_integer("block", 256, "query rows per block")
@@ -130,7 +135,7 @@ def main(argv) -> None:
         common.write_json(a.out, {"machine": common.machine(), "args": vars(a),
                                   "results": results})
   ok = [r for r in results if "error" not in r]
-  ref = {r["length"]: r for r in ok if r["variant"] == "gemm"}
+  ref = {r["length"]: r for r in ok if r["variant"] == "before"}
   rows = [[r["length"], r["variant"], f"{r['lower_s']:.1f}", f"{r['compile_s']:.1f}",
            f"{r['compile_cpu_s']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['temp_mib']:.0f}",
            f"{r['compile_cpu_s'] / ref[r['length']]['compile_cpu_s']:.2f}"
@@ -138,7 +143,7 @@ def main(argv) -> None:
   print(f"\nchunked op fwd + bwd, 16 heads x 96, batch 1, compiled for one chip of {a.target}, "
         f"load average at the end {os.getloadavg()[0]:.1f}")
   print(common.table(rows, ["T", "variant", "lower s", "compile s", "compile CPU s",
-                            "peak RSS MiB", "XLA temp MiB", "CPU / gemm"]))
+                            "peak RSS MiB", "XLA temp MiB", "CPU / before"]))
 
 
 if __name__ == "__main__":
