@@ -47,9 +47,8 @@ def counted_flops(impl: str, t: int, batch: int = 1, heads: int = HEADS, d: int 
     macs = t * t * 2 * d
   elif impl in ("xla",):
     macs = t * t * (2 * d + 2 * conv + 2 * mix)
-  elif impl == "pallas":  # fused forward tiles + the chunked VJP (forward recompute + backward)
-    return counted_flops("chunked", t, batch, heads, d, c_q, c_k, c_h) + 2 * batch * heads * (
-        _pallas_forward_macs(t, d, c_q, c_k, c_h))
+  elif impl == "pallas":  # the fused forward passes and the three backward kernels
+    return 2 * batch * heads * _pallas_macs(t, d, c_q, c_k, c_h)
   else:  # chunked variants: mirror ops_chunked's blocking
     from mta_jax import ops_chunked
     block = min(ops_chunked.DEFAULT_BLOCK, t)
@@ -67,16 +66,30 @@ def counted_flops(impl: str, t: int, batch: int = 1, heads: int = HEADS, d: int 
   return 3 * 2 * batch * heads * macs
 
 
-def _pallas_forward_macs(t: int, d: int, c_q: int, c_k: int, c_h: int) -> int:
-  """MACs of the two fused passes (both convs present), per head, mirroring ops_pallas."""
+def _pallas_macs(t: int, d: int, c_q: int, c_k: int, c_h: int) -> int:
+  """MACs of the fused kernels (both convs present), per head, mirroring ops_pallas and
+  pallas_backward: every kernel recomputes the logits of its tile on its halo regions."""
   from mta_jax import ops_pallas
   bq, bk = min(ops_pallas.DEFAULT_BLOCK_Q, t), min(ops_pallas.DEFAULT_BLOCK_K, t)
-  conv, rows_in, cols_in = c_q * c_k, bq + 2 * (c_q - 1), bk + 4 * (c_k // 2)
+  conv, hr, hc = c_q * c_k, c_q - 1, c_k // 2
+  tile = bq * bk
+
+  def recompute(rows_x, cols_x):
+    """S0 on the q / k windows, pre conv + mix on the p region, dA and its transposed mixing
+    on the u region, the transposed post conv on the x region (pallas_backward's regions)."""
+    rows_u, cols_u = rows_x + hr, cols_x + 2 * hc
+    return ((rows_u + hr) * (cols_u + 2 * hc) * d + rows_u * cols_u * (conv + c_h)
+            + rows_u * cols_u * (d + c_h) + rows_x * cols_x * conv)
+
+  rows_x, cols_x = bq + hr, bk + 2 * hc
+  forward = ((bq + 2 * hr) * (bk + 4 * hc) * d + (bq + hr) * (bk + 2 * hc) * (conv + c_h))
+  dpost = recompute(bq, bk) + tile * (3 * conv + c_h)            # D, post-kernel grads, U', dW'
+  dq = recompute(rows_x, cols_x) + rows_x * cols_x * c_h + tile * (2 * conv + c_h + d)
+  dkv = dq + tile * (conv + c_h + d)                              # + U', post mix, dV
   macs = 0
   for i in range(-(-t // bq)):
     tiles = min(-(-t // bk), ((i + 1) * bq - 1) // bk + 1)   # causal key-block skipping
-    pre = rows_in * cols_in * d + (bq + c_q - 1) * (bk + 2 * (c_k // 2)) * (conv + c_h)
-    macs += tiles * (2 * pre + bq * bk * (conv + c_h + d))  # pass 1, pass 2 (+ post, A.v)
+    macs += tiles * (2 * forward + tile * (conv + c_h + d) + dpost + dq + dkv)
   return macs
 
 
