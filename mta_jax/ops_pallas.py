@@ -60,40 +60,7 @@ DEFAULT_BLOCK_K = 128
 
 @dataclasses.dataclass(frozen=True)
 class Plan(pk.TileGrid):
-  """Static tiling of one call (hashable: it parameterises the kernels)."""
-  batch: int
-  length: int
-  heads: int
-  head_dim: int
-  heads_per_program: int
-  block_q: int
-  block_k: int
-  c_pre: tuple[int, int] | None       # (c_q, c_k) of the pre-softmax conv
-  c_post: tuple[int, int] | None
-  c_h_pre: int | None                 # head-mixing group sizes
-  c_h_post: int | None
-  segments: bool
-  lane_align: int                     # pad key windows to a multiple of this (TPU: 128)
-
-  @property
-  def halo_rows_pre(self) -> int:
-    return 0 if self.c_pre is None else self.c_pre[0] - 1
-
-  @property
-  def halo_rows_post(self) -> int:
-    return 0 if self.c_post is None else self.c_post[0] - 1
-
-  @property
-  def halo_cols_pre(self) -> int:
-    return 0 if self.c_pre is None else self.c_pre[1] // 2
-
-  @property
-  def halo_cols_post(self) -> int:
-    return 0 if self.c_post is None else self.c_post[1] // 2
-
-  @property
-  def has_post(self) -> bool:
-    return self.c_post is not None or self.c_h_post is not None
+  """The forward's tiling: query / key windows with both convs' halos."""
 
   @property
   def q_rows(self) -> int:
@@ -107,8 +74,7 @@ class Plan(pk.TileGrid):
   @property
   def k_cols(self) -> int:
     """Columns of a key window (padded to the lane alignment; extra columns are never read)."""
-    a = self.lane_align
-    return -(-self.k_cols_nominal // a) * a
+    return self.align(self.k_cols_nominal)
 
 
 def make_plan(q: Array, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
@@ -153,6 +119,19 @@ def _seg_windows(seg_BxT: Array, n: int, block: int, width: int, front: int) -> 
   return jnp.take(sp, idx, axis=1)
 
 
+def _seg_pair(plan: pk.TileGrid, segment_ids, rows, cols):
+  """() without segments, else the (query-row, key-column) segment-id windows of
+  rows = (width, front) / cols = (width, front), in the layouts the TPU likes: query ids along
+  sublanes (lane-broadcast) [B, n_q, width, LANES], key ids along lanes [B, n_k, 8, width]."""
+  if not plan.segments:
+    return ()
+  sq = _seg_windows(segment_ids, plan.n_q, plan.block_q, *rows)
+  sk = _seg_windows(segment_ids, plan.n_k, plan.block_k, *cols)
+  return (jnp.broadcast_to(sq[..., None], (*sq.shape, pk.LANES)).astype(jnp.int32),
+          jnp.broadcast_to(sk[:, :, None, :], (sk.shape[0], sk.shape[1], pk.SUBLANES,
+                                                sk.shape[2])).astype(jnp.int32))
+
+
 def _prepare(plan: Plan, q, k, v, segment_ids):
   to_bhtd = lambda x: jnp.swapaxes(x, 1, 2)
   row_front = plan.halo_rows_pre + plan.halo_rows_post
@@ -161,14 +140,7 @@ def _prepare(plan: Plan, q, k, v, segment_ids):
   kw = _windows(to_bhtd(k), plan.n_k, plan.block_k, plan.k_cols, col_front)
   padded = plan.n_k * plan.block_k
   vb = jnp.pad(to_bhtd(v), ((0, 0), (0, 0), (0, padded - plan.length), (0, 0)))
-  segs = ()
-  if plan.segments:
-    sq = _seg_windows(segment_ids, plan.n_q, plan.block_q, plan.q_rows, row_front)
-    sk = _seg_windows(segment_ids, plan.n_k, plan.block_k, plan.k_cols, col_front)
-    # Layouts the TPU likes: query ids along sublanes (lane-broadcast), key ids along lanes.
-    segs = (jnp.broadcast_to(sq[..., None], (*sq.shape, pk.LANES)).astype(jnp.int32),
-            jnp.broadcast_to(sk[:, :, None, :], (sk.shape[0], sk.shape[1], pk.SUBLANES,
-                                                  sk.shape[2])).astype(jnp.int32))
+  segs = _seg_pair(plan, segment_ids, (plan.q_rows, row_front), (plan.k_cols, col_front))
   return qw, kw, vb, segs
 
 
@@ -230,13 +202,7 @@ def _bwd_windows(bp: pb.BwdPlan, q, k, v, dout, lse, di):
 
 
 def _bwd_segs(bp: pb.BwdPlan, segment_ids):
-  if not bp.segments:
-    return ()
-  sq = _seg_windows(segment_ids, bp.n_q, bp.block_q, bp.seg_rows, bp.q_front)
-  sk = _seg_windows(segment_ids, bp.n_k, bp.block_k, bp.k_cols, bp.k_front)
-  return (jnp.broadcast_to(sq[..., None], (*sq.shape, pk.LANES)).astype(jnp.int32),
-          jnp.broadcast_to(sk[:, :, None, :], (sk.shape[0], sk.shape[1], pk.SUBLANES,
-                                                sk.shape[2])).astype(jnp.int32))
+  return _seg_pair(bp, segment_ids, (bp.seg_rows, bp.q_front), (bp.k_cols, bp.k_front))
 
 
 def _reduce_partials(x, like):
@@ -252,11 +218,7 @@ def pallas_backward(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_m
   weights_in = (kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post)
   plan = make_plan(q, *weights_in, segment_ids, block_q=block_q, block_k=block_k,
                    lane_align=1 if interpret else pk.LANES)
-  bp = pb.BwdPlan(batch=plan.batch, length=plan.length, heads=plan.heads,
-                  head_dim=plan.head_dim, heads_per_program=plan.heads_per_program,
-                  block_q=plan.block_q, block_k=plan.block_k, c_pre=plan.c_pre,
-                  c_post=plan.c_post, c_h_pre=plan.c_h_pre, c_h_post=plan.c_h_post,
-                  segments=plan.segments, lane_align=plan.lane_align)
+  bp = pb.BwdPlan(**dataclasses.asdict(plan))
   weights = _flat_weights(*weights_in)
   dout = dout.astype(q.dtype)
   grads = [None] * 4

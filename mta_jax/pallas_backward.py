@@ -54,49 +54,16 @@ from mta_jax.pallas_kernel import (LANES, NEG, SUBLANES, conv_one, dot, head_loo
 
 @dataclasses.dataclass(frozen=True)
 class BwdPlan(TileGrid):
-  """Static tiling of the backward (hashable: it parameterises the kernels)."""
-  batch: int
-  length: int
-  heads: int
-  head_dim: int
-  heads_per_program: int
-  block_q: int
-  block_k: int
-  c_pre: tuple[int, int] | None
-  c_post: tuple[int, int] | None
-  c_h_pre: int | None
-  c_h_post: int | None
-  segments: bool
-  lane_align: int
+  """The backward's tiling: the regions below and the windows that cover them."""
   x_halo: bool = True       # False: the dpost kernel (x region = the own tile)
 
   @property
-  def hr(self) -> int:      # pre conv row halo (c_q - 1)
-    return 0 if self.c_pre is None else self.c_pre[0] - 1
-
-  @property
-  def hc(self) -> int:      # pre conv column halo (c_k // 2)
-    return 0 if self.c_pre is None else self.c_pre[1] // 2
-
-  @property
-  def hrp(self) -> int:     # post conv row halo
-    return 0 if self.c_post is None else self.c_post[0] - 1
-
-  @property
-  def hcp(self) -> int:     # post conv column halo
-    return 0 if self.c_post is None else self.c_post[1] // 2
-
-  @property
   def xr(self) -> int:      # rows of the x region below the tile
-    return self.hr if self.x_halo else 0
+    return self.halo_rows_pre if self.x_halo else 0
 
   @property
   def xc(self) -> int:      # columns of the x region either side of the tile
-    return self.hc if self.x_halo else 0
-
-  @property
-  def has_post(self) -> bool:
-    return self.c_post is not None or self.c_h_post is not None
+    return self.halo_cols_pre if self.x_halo else 0
 
   @property
   def rows_x(self) -> int:  # x region: rows [r0, r0 + rows_x), columns from c0 - xc
@@ -107,47 +74,44 @@ class BwdPlan(TileGrid):
     return self.block_k + 2 * self.xc
 
   @property
-  def rows_u(self) -> int:  # u region: rows from r0, columns from c0 - xc - hcp
-    return self.rows_x + self.hrp
+  def rows_u(self) -> int:  # u region: rows from r0, columns from c0 - xc - halo_cols_post
+    return self.rows_x + self.halo_rows_post
 
   @property
   def cols_u(self) -> int:
-    return self.cols_x + 2 * self.hcp
+    return self.cols_x + 2 * self.halo_cols_post
 
   @property
-  def rows_p(self) -> int:  # p region: rows from r0 - hrp, the u region's columns
-    return self.rows_x + self.hrp
+  def rows_p(self) -> int:  # p region: rows from r0 - halo_rows_post, the u region's columns
+    return self.rows_x + self.halo_rows_post
 
   @property
   def q_front(self) -> int:  # q window: the p region plus the pre conv's rows above
-    return self.hrp + self.hr
+    return self.halo_rows_post + self.halo_rows_pre
 
   @property
   def q_rows(self) -> int:
-    return self.rows_p + self.hr
+    return self.rows_p + self.halo_rows_pre
 
   @property
   def seg_rows(self) -> int:  # segment-id rows: the q window and the u region below it
-    return self.q_rows + self.hrp
+    return self.q_rows + self.halo_rows_post
 
   @property
   def k_front(self) -> int:  # k window: the p region plus the pre conv's columns either side
-    return self.xc + self.hcp + self.hc
-
-  def _align(self, n: int) -> int:
-    return -(-n // self.lane_align) * self.lane_align
+    return self.xc + self.halo_cols_post + self.halo_cols_pre
 
   @property
   def k_cols(self) -> int:
-    return self._align(self.cols_u + 2 * self.hc)
+    return self.align(self.cols_u + 2 * self.halo_cols_pre)
 
   @property
   def v_front(self) -> int:  # v window: the u region's columns
-    return self.xc + self.hcp
+    return self.xc + self.halo_cols_post
 
   @property
   def v_cols(self) -> int:
-    return self._align(self.cols_u)
+    return self.align(self.cols_u)
 
 
 class _Tile:
@@ -173,8 +137,8 @@ class _Tile:
 
     self.seg_q = None if seg_all is None else seg_all[:bp.q_rows]
     self.ok_in = region(0, bp.q_rows, 0, bp.k_cols)[0] if bp.has_pre else None
-    self.ok_p, self.seg_p = region(bp.hr, bp.rows_p, bp.hc, bp.cols_u)
-    self.ok_u, self.seg_u = region(bp.q_front, bp.rows_u, bp.hc, bp.cols_u)
+    self.ok_p, self.seg_p = region(bp.halo_rows_pre, bp.rows_p, bp.halo_cols_pre, bp.cols_u)
+    self.ok_u, self.seg_u = region(bp.q_front, bp.rows_u, bp.halo_cols_pre, bp.cols_u)
     self.ok_own, self.seg_own = region(bp.q_front, bp.block_q, bp.k_front, bp.block_k)
     self.seg_x = None if self.seg_u is None else self.seg_u[:bp.rows_x]
 
@@ -207,7 +171,8 @@ def _p(bp, refs, tile, o, x):
 
 def _x_part(bp, p):
   """The x region's part of a p-region tile."""
-  return p[bp.hrp:bp.hrp + bp.rows_x, bp.hcp:bp.hcp + bp.cols_x]
+  r, c = bp.halo_rows_post, bp.halo_cols_post
+  return p[r:r + bp.rows_x, c:c + bp.cols_x]
 
 
 def _own(bp, t, row0, col0):
@@ -237,7 +202,7 @@ def _du_dp(bp, refs, tile, head0, o):
 def _u_own(bp, refs, tile, head0, h, p):
   """U'_h = Mask_0(Conv_post(P_h)) on the own tile (before the post mixing)."""
   if bp.c_post is None:
-    u = _own(bp, p, bp.hrp, bp.xc + bp.hcp)
+    u = _own(bp, p, bp.halo_rows_post, bp.xc + bp.halo_cols_post)
   else:
     c_q, c_k = bp.c_post
     u = conv_one(p[:, bp.xc:], refs["w_post"], head0 + h, c_q, c_k, bp.block_q, bp.block_k,
@@ -352,7 +317,8 @@ def _tile_ds(bp, refs, tile, head0, *, on_p, on_ds, weight_grads):
     return _x_part(bp, p) * (dp - refs["di"][o][:, :1])
 
   pre_kernel_grads = weight_grads and bp.c_pre is not None
-  s0_own = (bp.hrp, bp.xc + bp.hcp)  # tap [0, 0] of own (0, 0) in the q / k windows
+  # Tap [0, 0] of own (0, 0) in the q / k windows.
+  s0_own = (bp.halo_rows_post, bp.xc + bp.halo_cols_post)
 
   def pre_grads_and_ds(h, dc):
     if pre_kernel_grads:
@@ -368,7 +334,7 @@ def _tile_ds(bp, refs, tile, head0, *, on_p, on_ds, weight_grads):
   def per_out_head(o):
     dx = dx_of(o)
     if weight_grads:
-      own = (bp.hrp, bp.xc + bp.hcp)  # the own tile in the p region (spre)
+      own = (bp.halo_rows_post, bp.xc + bp.halo_cols_post)  # the own tile in the p region (spre)
       _mix_grad_partials(refs["dwm"], o, bp.c_h_pre, _own(bp, dx, 0, bp.xc),
                          lambda i: _own(bp, refs["spre"][i], *own))
     refs["sdx"][o] = dx
@@ -406,17 +372,17 @@ def _dpost_kernel(bp, names, *refs):
     def per_head(o):
       p = _p_of(bp, refs, tile, head0, o)
       du, dp = _du_dp(bp, refs, tile, head0, o)
-      d = (_own(bp, p, bp.hrp, bp.hcp) * dp).sum(axis=1, keepdims=True)
+      d = (_own(bp, p, bp.halo_rows_post, bp.halo_cols_post) * dp).sum(axis=1, keepdims=True)
       refs["d"][o] = refs["d"][o] + d
       if bp.c_post is not None:
-        seg = tile.seg_p
-        _kernel_grad_partials(bp, refs["dwkp"], o, _own(bp, du, 0, bp.hcp), p, bp.c_post, seg)
+        _kernel_grad_partials(bp, refs["dwkp"], o, _own(bp, du, 0, bp.halo_cols_post), p,
+                              bp.c_post, tile.seg_p)
       if bp.c_h_post is not None:
         refs["su"][o] = _u_own(bp, refs, tile, head0, o, p)
     head_loop(bp.heads_per_program, per_head)
     if bp.c_h_post is not None:
       head_loop(bp.heads_per_program, lambda o: _mix_grad_partials(
-          refs["dwmp"], o, bp.c_h_post, _own(bp, refs["sda"][o], 0, bp.hcp),
+          refs["dwmp"], o, bp.c_h_post, _own(bp, refs["sda"][o], 0, bp.halo_cols_post),
           lambda h: refs["su"][h]))
 
   @pl.when(j == pl.num_programs(3) - 1)
@@ -509,7 +475,7 @@ def window_shapes(bp: BwdPlan) -> dict[str, tuple[int, int, int]]:
   key columns) of every window a kernel reads (`ops_pallas` gathers them)."""
   return {"q": (bp.q_rows, bp.q_front, 1), "k": (bp.k_cols, bp.k_front, 0),
           "v": (bp.v_cols, bp.v_front, 0), "do": (bp.rows_u, 0, 1),
-          "lse": (bp.rows_p, bp.hrp, 1), "di": (bp.rows_x, 0, 1)}
+          "lse": (bp.rows_p, bp.halo_rows_post, 1), "di": (bp.rows_x, 0, 1)}
 
 
 def _in_specs(bp, order, segs, weights, names):

@@ -20,6 +20,7 @@ Per-head 2-D matmuls and elementwise ops are what Mosaic lowers most reliably.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -96,13 +97,52 @@ def mixed(src_ref, w_ref, head0, o, c_h):
   return jax.lax.fori_loop(1, c_h, step, w_ref[row] * src_ref[base])
 
 
+@dataclasses.dataclass(frozen=True)
 class TileGrid:
-  """What the forward and backward plans (ops_pallas.Plan, pallas_backward.BwdPlan) derive
-  alike from their fields: the grid's tile counts and whether any pre-softmax op is on."""
+  """The static tiling of one call, shared by the forward and backward plans
+  (ops_pallas.Plan, pallas_backward.BwdPlan; hashable: it parameterises the kernels), and what
+  both derive from it: the convs' halos, which stages are on, the grid's tile counts."""
+  batch: int
+  length: int
+  heads: int
+  head_dim: int
+  heads_per_program: int
+  block_q: int
+  block_k: int
+  c_pre: tuple[int, int] | None       # (c_q, c_k) of the pre-softmax conv
+  c_post: tuple[int, int] | None
+  c_h_pre: int | None                 # head-mixing group sizes
+  c_h_post: int | None
+  segments: bool
+  lane_align: int                     # pad key windows to a multiple of this (TPU: 128)
+
+  @property
+  def halo_rows_pre(self) -> int:   # c_q - 1 logit rows above
+    return 0 if self.c_pre is None else self.c_pre[0] - 1
+
+  @property
+  def halo_cols_pre(self) -> int:   # c_k // 2 columns either side
+    return 0 if self.c_pre is None else self.c_pre[1] // 2
+
+  @property
+  def halo_rows_post(self) -> int:
+    return 0 if self.c_post is None else self.c_post[0] - 1
+
+  @property
+  def halo_cols_post(self) -> int:
+    return 0 if self.c_post is None else self.c_post[1] // 2
 
   @property
   def has_pre(self) -> bool:
     return self.c_pre is not None or self.c_h_pre is not None
+
+  @property
+  def has_post(self) -> bool:
+    return self.c_post is not None or self.c_h_post is not None
+
+  def align(self, n: int) -> int:
+    """n rounded up to the lane alignment (key windows; TPU: 128, interpret mode: 1)."""
+    return -(-n // self.lane_align) * self.lane_align
 
   @property
   def n_q(self) -> int:
