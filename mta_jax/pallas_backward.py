@@ -352,21 +352,37 @@ def _should_run(bp, i, j):
 # ---------------------------------------------------------------------------------------------
 
 
-def _dpost_kernel(bp, names, *refs):
-  """D = rowsum(P * dP) of query block i, and the post-weight-gradient partials."""
-  refs = dict(zip(names, refs))
-  g, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  head0 = g * bp.heads_per_program
-  acc_names = [n for n in ("d", "dwkp", "dwmp") if n in refs]
+def _accumulating(bp, refs, order, acc_names, body, finish):
+  """The skeleton of every backward kernel: grid (b, g, i, j) for order "ij", (b, g, j, i) for
+  "ji"; the innermost axis accumulates into acc_names (zeroed at its first step), body(tile,
+  head0) runs on tiles with a key at or before the query block's last row, finish() at the
+  innermost axis' last step."""
+  g, outer, inner = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  i, j = (outer, inner) if order == "ij" else (inner, outer)
 
-  @pl.when(j == 0)
+  @pl.when(inner == 0)
   def _():
     for n in acc_names:
       refs[n][...] = jnp.zeros(refs[n].shape, jnp.float32)
 
   @pl.when(_should_run(bp, i, j))
   def _():
-    tile = _Tile(bp, refs, i, j)
+    body(_Tile(bp, refs, i, j), g * bp.heads_per_program)
+
+  pl.when(inner == pl.num_programs(3) - 1)(finish)
+
+
+def _write_partials(refs, names):
+  for n in names:
+    refs[n + "_out"][...] = refs[n][...]
+
+
+def _dpost_kernel(bp, names, *refs):
+  """D = rowsum(P * dP) of query block i, and the post-weight-gradient partials."""
+  refs = dict(zip(names, refs))
+  acc_names = [n for n in ("d", "dwkp", "dwmp") if n in refs]
+
+  def body(tile, head0):
     _prologue(bp, refs, tile, head0)
 
     def per_head(o):
@@ -385,26 +401,14 @@ def _dpost_kernel(bp, names, *refs):
           refs["dwmp"], o, bp.c_h_post, _own(bp, refs["sda"][o], 0, bp.halo_cols_post),
           lambda h: refs["su"][h]))
 
-  @pl.when(j == pl.num_programs(3) - 1)
-  def _():
-    for n in acc_names:
-      refs[n + "_out"][...] = refs[n][...]
+  _accumulating(bp, refs, "ij", acc_names, body, lambda: _write_partials(refs, acc_names))
 
 
 def _dq_kernel(bp, names, *refs):
   refs = dict(zip(names, refs))
-  g, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  head0 = g * bp.heads_per_program
-  acc_names = ["dq_acc"] + [n for n in ("dwk", "dwm") if n in refs]
+  partials = [n for n in ("dwk", "dwm") if n in refs]
 
-  @pl.when(j == 0)
-  def _():
-    for n in acc_names:
-      refs[n][...] = jnp.zeros(refs[n].shape, jnp.float32)
-
-  @pl.when(_should_run(bp, i, j))
-  def _():
-    tile = _Tile(bp, refs, i, j)
+  def body(tile, head0):
     k_lo = bp.k_front
 
     def on_ds(h, ds):
@@ -412,29 +416,19 @@ def _dq_kernel(bp, names, *refs):
       refs["dq_acc"][h] = refs["dq_acc"][h] + dot(ds, k_own, ((1,), (0,)))
     _tile_ds(bp, refs, tile, head0, on_p=lambda o, p: None, on_ds=on_ds, weight_grads=True)
 
-  @pl.when(j == pl.num_programs(3) - 1)
-  def _():
+  def finish():
     scale = 1.0 / math.sqrt(bp.head_dim)
     refs["dq"][...] = (refs["dq_acc"][...] * scale).astype(refs["dq"].dtype)
-    for n in acc_names[1:]:
-      refs[n + "_out"][...] = refs[n][...]
+    _write_partials(refs, partials)
+
+  _accumulating(bp, refs, "ij", ["dq_acc"] + partials, body, finish)
 
 
 def _dkv_kernel(bp, names, *refs):
   refs = dict(zip(names, refs))
-  g, j, i = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  head0 = g * bp.heads_per_program
+  bq = bp.block_q
 
-  @pl.when(i == 0)
-  def _():
-    refs["dk_acc"][...] = jnp.zeros(refs["dk_acc"].shape, jnp.float32)
-    refs["dv_acc"][...] = jnp.zeros(refs["dv_acc"].shape, jnp.float32)
-
-  @pl.when(_should_run(bp, i, j))
-  def _():
-    tile = _Tile(bp, refs, i, j)
-    bq = bp.block_q
-
+  def body(tile, head0):
     def add_dv(o, a_own):
       do_own = refs["do"][o][:bq]
       refs["dv_acc"][o] = refs["dv_acc"][o] + dot(a_own.T.astype(do_own.dtype), do_own,
@@ -456,11 +450,12 @@ def _dkv_kernel(bp, names, *refs):
       head_loop(bp.heads_per_program, lambda o: add_dv(
           o, mixed(refs["su"], refs["mix_post"], head0, o, bp.c_h_post)))
 
-  @pl.when(i == pl.num_programs(3) - 1)
-  def _():
+  def finish():
     scale = 1.0 / math.sqrt(bp.head_dim)
     refs["dk"][...] = (refs["dk_acc"][...] * scale).astype(refs["dk"].dtype)
     refs["dv"][...] = refs["dv_acc"][...].astype(refs["dv"].dtype)
+
+  _accumulating(bp, refs, "ji", ["dk_acc", "dv_acc"], body, finish)
 
 
 # ---------------------------------------------------------------------------------------------
