@@ -47,8 +47,12 @@ def counted_flops(impl: str, t: int, batch: int = 1, heads: int = HEADS, d: int 
     macs = t * t * 2 * d
   elif impl in ("xla",):
     macs = t * t * (2 * d + 2 * conv + 2 * mix)
-  elif impl == "pallas":  # the fused forward passes and the three backward kernels
-    return 2 * batch * heads * _pallas_macs(t, d, c_q, c_k, c_h)
+  elif impl == "pallas":  # the kernels' own cost estimates (every recomputation counted)
+    import jax
+    from mta_jax import ops_pallas
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, "float32")
+    kern, mix = sds(heads, c_q, c_k), sds(heads // c_h, c_h, c_h)
+    return ops_pallas.kernel_flops(sds(batch, t, heads, d), kern, kern, mix, mix)
   else:  # chunked variants: mirror ops_chunked's blocking
     from mta_jax import ops_chunked
     block = min(ops_chunked.DEFAULT_BLOCK, t)
@@ -64,33 +68,6 @@ def counted_flops(impl: str, t: int, batch: int = 1, heads: int = HEADS, d: int 
         macs += (block + halo_post) * cols * (conv + mix)            # pre conv + pre mix
         macs += block * cols * (conv + mix + d)                      # post conv, mix, A.v
   return 3 * 2 * batch * heads * macs
-
-
-def _pallas_macs(t: int, d: int, c_q: int, c_k: int, c_h: int) -> int:
-  """MACs of the fused kernels (both convs present), per head, mirroring ops_pallas and
-  pallas_backward: every kernel recomputes the logits of its tile on its halo regions."""
-  from mta_jax import ops_pallas
-  bq, bk = min(ops_pallas.DEFAULT_BLOCK_Q, t), min(ops_pallas.DEFAULT_BLOCK_K, t)
-  conv, hr, hc = c_q * c_k, c_q - 1, c_k // 2
-  tile = bq * bk
-
-  def recompute(rows_x, cols_x):
-    """S0 on the q / k windows, pre conv + mix on the p region, dA and its transposed mixing
-    on the u region, the transposed post conv on the x region (pallas_backward's regions)."""
-    rows_u, cols_u = rows_x + hr, cols_x + 2 * hc
-    return ((rows_u + hr) * (cols_u + 2 * hc) * d + rows_u * cols_u * (conv + c_h)
-            + rows_u * cols_u * (d + c_h) + rows_x * cols_x * conv)
-
-  rows_x, cols_x = bq + hr, bk + 2 * hc
-  forward = ((bq + 2 * hr) * (bk + 4 * hc) * d + (bq + hr) * (bk + 2 * hc) * (conv + c_h))
-  dpost = recompute(bq, bk) + tile * (3 * conv + c_h)            # D, post-kernel grads, U', dW'
-  dq = recompute(rows_x, cols_x) + rows_x * cols_x * c_h + tile * (2 * conv + c_h + d)
-  dkv = dq + tile * (conv + c_h + d)                              # + U', post mix, dV
-  macs = 0
-  for i in range(-(-t // bq)):
-    tiles = min(-(-t // bk), ((i + 1) * bq - 1) // bk + 1)   # causal key-block skipping
-    macs += tiles * (2 * forward + tile * (conv + c_h + d) + dpost + dq + dkv)
-  return macs
 
 
 def _splash_loss(q, k, v, ct):

@@ -93,6 +93,24 @@ def make_plan(q: Array, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_po
       lane_align=lane_align)
 
 
+def kernel_flops(q, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, *,
+                 backward: bool = True, block_q: int = DEFAULT_BLOCK_Q,
+                 block_k: int = DEFAULT_BLOCK_K) -> int:
+  """FLOPs of the kernels of one call (forward, and with `backward` the gradient's kernels),
+  as their cost estimates tell XLA: every recomputation counted, future key blocks skipped.
+  Arguments may be jax.ShapeDtypeStruct."""
+  plan = make_plan(q, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, None,
+                   block_q=block_q, block_k=block_k, lane_align=1)
+  kinds = ["lse", "output"] if plan.has_post else ["output"]
+  macs = sum(pk.tile_work(plan, kind)[0] for kind in kinds)
+  if backward:
+    bp = pb.BwdPlan(**dataclasses.asdict(plan))
+    macs += bp.tile_work("dq")[0] + bp.tile_work("dkv")[0]
+    if plan.has_post:
+      macs += dataclasses.replace(bp, x_halo=False).tile_work("dpost")[0]
+  return 2 * macs * plan.executed_tiles * plan.batch * plan.heads
+
+
 # ---------------------------------------------------------------------------------------------
 # Halo windows (XLA, outside the kernel; O(T x head_dim)).
 # ---------------------------------------------------------------------------------------------

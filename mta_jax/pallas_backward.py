@@ -114,6 +114,27 @@ class BwdPlan(TileGrid):
     return self.align(self.cols_u)
 
 
+  def tile_work(self, kernel: str) -> tuple[int, int]:
+    """(multiply-adds, exponentials) of one tile and head of kernel "dpost", "dq" or "dkv":
+    each recomputes S0 on the windows, C / X / P on the p region, dA and dU' on the u region
+    and dP on the x region, then does its own part on the tile."""
+    tile, d = self.block_q * self.block_k, self.head_dim
+    s0 = self.q_rows * (self.cols_u + 2 * self.halo_cols_pre) * d
+    macs = (s0 + self.rows_p * self.cols_u * (self.conv_pre + self.mix_pre)
+            + self.rows_u * self.cols_u * (d + self.mix_post)
+            + self.rows_x * self.cols_x * self.conv_post)
+    u_own = tile * (self.conv_post + self.mix_post) if self.has_post else 0
+    if kernel == "dpost":   # D, the post kernel's and mixing's gradients, U'
+      macs += tile * (1 + self.conv_post + self.mix_post) + u_own
+    else:                   # transposed pre mixing and conv, then dQ or dK (and dV)
+      macs += self.rows_x * self.cols_x * self.mix_pre + tile * (self.conv_pre + d)
+      if kernel == "dq":    # the pre weights' gradients (S0 recomputed for the kernel's)
+        macs += tile * (self.conv_pre + self.mix_pre) + (s0 if self.c_pre else 0)
+      else:
+        macs += u_own + tile * d
+    return macs, self.rows_p * self.cols_u
+
+
 class _Tile:
   """Masks and segment ids of one backward tile's regions, shared by every head."""
 
@@ -545,7 +566,8 @@ def _partials(bp, specs):
 
 
 def _call(kernel, bp, name, grid, specs, names, args, outs, scratch, *, interpret):
-  """One pallas_call; outs = (out_specs, out_shapes, out_names); scratch = (shapes, names)."""
+  """One pallas_call ("mta_<kind>"); outs = (out_specs, out_shapes, out_names); scratch =
+  (shapes, names)."""
   out_specs, out_shapes, out_names = outs
   return pl.pallas_call(
       functools.partial(kernel, bp, names + out_names + scratch[1]),
@@ -553,6 +575,7 @@ def _call(kernel, bp, name, grid, specs, names, args, outs, scratch, *, interpre
       scratch_shapes=scratch[0],
       compiler_params=compiler_params(specs, args, out_specs, out_shapes, scratch[0],
                                       (bp.q_rows, bp.k_cols), _taps(bp)),
+      cost_estimate=bp.cost(*bp.tile_work(name.removeprefix("mta_")), args, out_shapes),
       interpret=interpret,
   )(*args)
 

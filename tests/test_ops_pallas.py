@@ -265,6 +265,16 @@ def test_tpu_aot_compile_has_mosaic_kernel_and_no_txt_buffer(topology, layer, wi
                                                             n_kernels):
   compiled = _tpu_compile(topology, layer, with_grad)
   _assert_mosaic_and_no_txt_buffer(compiled, layer, n_kernels)
+  # The kernels tell XLA their work (cost estimates): its count for one chip's shard (batch 1)
+  # is theirs plus the little XLA work around them (window gathers, reductions).
+  sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  h = layer.heads
+  kern = lambda c: None if c is None else sds(h, *c)
+  mix = sds(h // layer.c_h, layer.c_h, layer.c_h)
+  want = ops_pallas.kernel_flops(sds(1, layer.length, h, layer.head_dim), kern(layer.pre),
+                                 kern(layer.post), mix, mix if layer.post else None,
+                                 backward=with_grad)
+  assert want <= compiled.cost_analysis()["flops"] < 1.1 * want
 
 
 # ---------------------------------------------------------------------------------------------
