@@ -47,9 +47,12 @@ def counted_flops(impl: str, t: int, batch: int = 1, heads: int = HEADS, d: int 
     macs = t * t * 2 * d
   elif impl in ("xla",):
     macs = t * t * (2 * d + 2 * conv + 2 * mix)
-  elif impl == "pallas":  # fused forward tiles + the chunked VJP (forward recompute + backward)
-    return counted_flops("chunked", t, batch, heads, d, c_q, c_k, c_h) + 2 * batch * heads * (
-        _pallas_forward_macs(t, d, c_q, c_k, c_h))
+  elif impl == "pallas":  # the kernels' own cost estimates (every recomputation counted)
+    import jax
+    from mta_jax import ops_pallas
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, "float32")
+    kern, mix = sds(heads, c_q, c_k), sds(heads // c_h, c_h, c_h)
+    return ops_pallas.kernel_flops(sds(batch, t, heads, d), kern, kern, mix, mix)
   else:  # chunked variants: mirror ops_chunked's blocking
     from mta_jax import ops_chunked
     block = min(ops_chunked.DEFAULT_BLOCK, t)
@@ -65,19 +68,6 @@ def counted_flops(impl: str, t: int, batch: int = 1, heads: int = HEADS, d: int 
         macs += (block + halo_post) * cols * (conv + mix)            # pre conv + pre mix
         macs += block * cols * (conv + mix + d)                      # post conv, mix, A.v
   return 3 * 2 * batch * heads * macs
-
-
-def _pallas_forward_macs(t: int, d: int, c_q: int, c_k: int, c_h: int) -> int:
-  """MACs of the two fused passes (both convs present), per head, mirroring ops_pallas."""
-  from mta_jax import ops_pallas
-  bq, bk = min(ops_pallas.DEFAULT_BLOCK_Q, t), min(ops_pallas.DEFAULT_BLOCK_K, t)
-  conv, rows_in, cols_in = c_q * c_k, bq + 2 * (c_q - 1), bk + 4 * (c_k // 2)
-  macs = 0
-  for i in range(-(-t // bq)):
-    tiles = min(-(-t // bk), ((i + 1) * bq - 1) // bk + 1)   # causal key-block skipping
-    pre = rows_in * cols_in * d + (bq + c_q - 1) * (bk + 2 * (c_k // 2)) * (conv + c_h)
-    macs += tiles * (2 * pre + bq * bk * (conv + c_h + d))  # pass 1, pass 2 (+ post, A.v)
-  return macs
 
 
 def _splash_loss(q, k, v, ct):

@@ -20,16 +20,13 @@ Forward (fused, one or two Pallas calls):
     pass 2 recomputes the logits, forms the exact normalised weights on the halo, applies the
     post conv / mask / mixing and accumulates A v.
 
-Backward:
-  * Without post-softmax ops (pre conv of any size, pre mixing of any group size, segments,
-    causal; or plain causal softmax): Pallas kernels (`mta_jax/pallas_backward.py`), flash-
-    attention style: the forward returns its log-sum-exp, the backward recomputes the weights
-    on a halo and computes dq (with the conv-kernel and head-mixing gradients as per-program
-    partial sums, reduced here) and dk / dv in two kernels. No [T, T] buffer.
-  * With a post-softmax conv or post mixing (the paper's MTA layers have both): the exact
-    hand-written VJP of the "chunked" implementation (`ops_chunked`, O(block x T) memory),
-    recomputing the forward in XLA. `kernel_backward_covers` says which one a call gets.
-  tests/test_ops_pallas.py holds both to the reference.
+Backward (`mta_jax/pallas_backward.py`), for every op, flash-attention style: the forward
+returns the log-sum-exp of every row, the backward recomputes the weights on a halo. With
+post-softmax ops a first kernel computes D = rowsum(P * dP) (the softmax backward's row term,
+which no longer equals rowsum(dout * out)) and the post weights' gradients; then one kernel
+computes dq (with the pre weights' gradients) and one dk / dv. Weight gradients come out as
+per-program partial sums, reduced here. No [T, T] buffer. tests/test_ops_pallas.py holds the
+whole gradient to the reference.
 
 Platforms: on TPU the kernel is compiled by Mosaic; on every other backend (CPU, GPU) the same
 kernel runs in Pallas interpret mode (exact but slow: meant for tests). The choice is made at
@@ -52,7 +49,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mta_jax import ops_chunked
 from mta_jax import pallas_backward as pb
 from mta_jax import pallas_kernel as pk
 
@@ -64,40 +60,7 @@ DEFAULT_BLOCK_K = 128
 
 @dataclasses.dataclass(frozen=True)
 class Plan(pk.TileGrid):
-  """Static tiling of one call (hashable: it parameterises the kernels)."""
-  batch: int
-  length: int
-  heads: int
-  head_dim: int
-  heads_per_program: int
-  block_q: int
-  block_k: int
-  c_pre: tuple[int, int] | None       # (c_q, c_k) of the pre-softmax conv
-  c_post: tuple[int, int] | None
-  c_h_pre: int | None                 # head-mixing group sizes
-  c_h_post: int | None
-  segments: bool
-  lane_align: int                     # pad key windows to a multiple of this (TPU: 128)
-
-  @property
-  def halo_rows_pre(self) -> int:
-    return 0 if self.c_pre is None else self.c_pre[0] - 1
-
-  @property
-  def halo_rows_post(self) -> int:
-    return 0 if self.c_post is None else self.c_post[0] - 1
-
-  @property
-  def halo_cols_pre(self) -> int:
-    return 0 if self.c_pre is None else self.c_pre[1] // 2
-
-  @property
-  def halo_cols_post(self) -> int:
-    return 0 if self.c_post is None else self.c_post[1] // 2
-
-  @property
-  def has_post(self) -> bool:
-    return self.c_post is not None or self.c_h_post is not None
+  """The forward's tiling: query / key windows with both convs' halos."""
 
   @property
   def q_rows(self) -> int:
@@ -111,8 +74,7 @@ class Plan(pk.TileGrid):
   @property
   def k_cols(self) -> int:
     """Columns of a key window (padded to the lane alignment; extra columns are never read)."""
-    a = self.lane_align
-    return -(-self.k_cols_nominal // a) * a
+    return self.align(self.k_cols_nominal)
 
 
 def make_plan(q: Array, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
@@ -129,6 +91,24 @@ def make_plan(q: Array, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_po
       c_post=None if kq_kernel_post is None else tuple(kq_kernel_post.shape[1:]),
       c_h_pre=c_h_pre, c_h_post=c_h_post, segments=segment_ids is not None,
       lane_align=lane_align)
+
+
+def kernel_flops(q, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, *,
+                 backward: bool = True, block_q: int = DEFAULT_BLOCK_Q,
+                 block_k: int = DEFAULT_BLOCK_K) -> int:
+  """FLOPs of the kernels of one call (forward, and with `backward` the gradient's kernels),
+  as their cost estimates tell XLA: every recomputation counted, future key blocks skipped.
+  Arguments may be jax.ShapeDtypeStruct."""
+  plan = make_plan(q, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, None,
+                   block_q=block_q, block_k=block_k, lane_align=1)
+  kinds = ["lse", "output"] if plan.has_post else ["output"]
+  macs = sum(pk.tile_work(plan, kind)[0] for kind in kinds)
+  if backward:
+    bp = pb.BwdPlan(**dataclasses.asdict(plan))
+    macs += bp.tile_work("dq")[0] + bp.tile_work("dkv")[0]
+    if plan.has_post:
+      macs += dataclasses.replace(bp, x_halo=False).tile_work("dpost")[0]
+  return 2 * macs * plan.executed_tiles * plan.batch * plan.heads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +137,19 @@ def _seg_windows(seg_BxT: Array, n: int, block: int, width: int, front: int) -> 
   return jnp.take(sp, idx, axis=1)
 
 
+def _seg_pair(plan: pk.TileGrid, segment_ids, rows, cols):
+  """() without segments, else the (query-row, key-column) segment-id windows of
+  rows = (width, front) / cols = (width, front), in the layouts the TPU likes: query ids along
+  sublanes (lane-broadcast) [B, n_q, width, LANES], key ids along lanes [B, n_k, 8, width]."""
+  if not plan.segments:
+    return ()
+  sq = _seg_windows(segment_ids, plan.n_q, plan.block_q, *rows)
+  sk = _seg_windows(segment_ids, plan.n_k, plan.block_k, *cols)
+  return (jnp.broadcast_to(sq[..., None], (*sq.shape, pk.LANES)).astype(jnp.int32),
+          jnp.broadcast_to(sk[:, :, None, :], (sk.shape[0], sk.shape[1], pk.SUBLANES,
+                                                sk.shape[2])).astype(jnp.int32))
+
+
 def _prepare(plan: Plan, q, k, v, segment_ids):
   to_bhtd = lambda x: jnp.swapaxes(x, 1, 2)
   row_front = plan.halo_rows_pre + plan.halo_rows_post
@@ -165,14 +158,7 @@ def _prepare(plan: Plan, q, k, v, segment_ids):
   kw = _windows(to_bhtd(k), plan.n_k, plan.block_k, plan.k_cols, col_front)
   padded = plan.n_k * plan.block_k
   vb = jnp.pad(to_bhtd(v), ((0, 0), (0, 0), (0, padded - plan.length), (0, 0)))
-  segs = ()
-  if plan.segments:
-    sq = _seg_windows(segment_ids, plan.n_q, plan.block_q, plan.q_rows, row_front)
-    sk = _seg_windows(segment_ids, plan.n_k, plan.block_k, plan.k_cols, col_front)
-    # Layouts the TPU likes: query ids along sublanes (lane-broadcast), key ids along lanes.
-    segs = (jnp.broadcast_to(sq[..., None], (*sq.shape, pk.LANES)).astype(jnp.int32),
-            jnp.broadcast_to(sk[:, :, None, :], (sk.shape[0], sk.shape[1], pk.SUBLANES,
-                                                  sk.shape[2])).astype(jnp.int32))
+  segs = _seg_pair(plan, segment_ids, (plan.q_rows, row_front), (plan.k_cols, col_front))
   return qw, kw, vb, segs
 
 
@@ -185,8 +171,8 @@ def _flat_weights(kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post):
 def pallas_forward(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
                    segment_ids, *, block_q: int, block_k: int, interpret: bool,
                    out_dtype=None):
-  """The fused forward -> (out [B, T, H, D] in out_dtype (default q's), lse [B, H, T] float32
-  of the online pass, or None with post-softmax ops)."""
+  """The fused forward -> (out [B, T, H, D] in out_dtype (default q's), lse [B, H, T] float32:
+  the log-sum-exp of every row's logits, from pass 1 or the online pass)."""
   plan = make_plan(q, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids,
                    block_q=block_q, block_k=block_k, lane_align=1 if interpret else pk.LANES)
   qw, kw, vb, segs = _prepare(plan, q, k, v, segment_ids)
@@ -197,10 +183,11 @@ def pallas_forward(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mi
   out, lse_online = pk.output_call(plan, qw, kw, vb, segs, weights, lse,
                                    out_dtype=out_dtype or q.dtype,
                                    interpret=interpret)  # [B, H, n_q * block_q, D]
-  if lse_online is not None:
-    b, h = lse_online.shape[:2]
-    lse_online = lse_online[..., 0].reshape(b, h, -1)[:, :, :plan.length]
-  return jnp.swapaxes(out[:, :, :plan.length], 1, 2), lse_online
+  # Pass 1's rows [r0 - halo_rows_post, r0 + block_q) of block i -> the block's own rows.
+  lse_rows = lse_online if lse is None else lse[:, :, :, plan.halo_rows_post:]
+  b, h = lse_rows.shape[:2]
+  lse_rows = lse_rows[..., 0].reshape(b, h, -1)[:, :, :plan.length]
+  return jnp.swapaxes(out[:, :, :plan.length], 1, 2), lse_rows
 
 
 def _on_platform(fn, *args, **kwargs):
@@ -212,66 +199,66 @@ def _on_platform(fn, *args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradient: Pallas backward kernels (`pallas_backward`) without post-softmax ops; with them,
-# the exact VJP of the chunked implementation.
+# Gradient: the Pallas backward kernels (`pallas_backward`).
 # ---------------------------------------------------------------------------------------------
 
 
-def kernel_backward_covers(kq_kernel_post, head_mix_post) -> bool:
-  """Whether the gradient runs as Pallas kernels: every op without post-softmax ops (pre conv,
-  pre mixing, segments, causal). A post conv or post mixing uses the chunked VJP."""
-  return kq_kernel_post is None and head_mix_post is None
-
-
-def _chunked_reference(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
-                       segment_ids):
-  return ops_chunked.make_chunked()(
-      q, k, v, kq_kernel_pre=kq_kernel_pre, kq_kernel_post=kq_kernel_post,
-      head_mix_pre=head_mix_pre, head_mix_post=head_mix_post, segment_ids=segment_ids,
-      dropout_rate=0.0, dropout_rng=None)
-
-
-def pallas_backward(q, k, v, kq_kernel_pre, head_mix_pre, segment_ids, out, lse, dout, *,
-                    block_q: int, block_k: int, interpret: bool):
-  """(dq, dk, dv, d kq_kernel_pre or None, d head_mix_pre or None) by the backward kernels."""
-  plan = make_plan(q, kq_kernel_pre, None, head_mix_pre, None, segment_ids, block_q=block_q,
-                   block_k=block_k, lane_align=1 if interpret else pk.LANES)
-  bp = pb.BwdPlan(batch=plan.batch, length=plan.length, heads=plan.heads,
-                  head_dim=plan.head_dim, heads_per_program=plan.heads_per_program,
-                  block_q=plan.block_q, block_k=plan.block_k, c_pre=plan.c_pre,
-                  c_h_pre=plan.c_h_pre, segments=plan.segments, lane_align=plan.lane_align)
-  to_bhtd = lambda x: jnp.swapaxes(x, 1, 2)
-  f32 = jnp.float32
-  di = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)  # [B, T, H]
+def _bwd_windows(bp: pb.BwdPlan, q, k, v, dout, lse, di):
+  """The windows the backward kernels read, in pb.WINDOW_NAMES order (di may be None)."""
   lanes = lambda x_BxHxT: jnp.broadcast_to(x_BxHxT[..., None], (*x_BxHxT.shape, pk.LANES))
-  rows = lambda x: _windows(x, bp.n_q, bp.block_q, bp.rows_x, 0)
-  windows = (
-      _windows(to_bhtd(q), bp.n_q, bp.block_q, bp.q_rows, bp.hr),
-      _windows(to_bhtd(k), bp.n_k, bp.block_k, bp.k_cols, 2 * bp.hc),
-      _windows(to_bhtd(v), bp.n_k, bp.block_k, bp.v_cols, bp.hc),
-      rows(to_bhtd(dout.astype(q.dtype))),
-      rows(lanes(lse)),
-      rows(lanes(jnp.swapaxes(di, 1, 2))),
-  )
-  segs = ()
-  if bp.segments:
-    sq = _seg_windows(segment_ids, bp.n_q, bp.block_q, bp.q_rows, bp.hr)
-    sk = _seg_windows(segment_ids, bp.n_k, bp.block_k, bp.k_cols, 2 * bp.hc)
-    segs = (jnp.broadcast_to(sq[..., None], (*sq.shape, pk.LANES)).astype(jnp.int32),
-            jnp.broadcast_to(sk[:, :, None, :], (sk.shape[0], sk.shape[1], pk.SUBLANES,
-                                                  sk.shape[2])).astype(jnp.int32))
-  weights = _flat_weights(kq_kernel_pre, None, head_mix_pre, None)
+  arrays = {"q": q, "k": k, "v": v, "do": dout}
+  arrays = {n: jnp.swapaxes(x, 1, 2) for n, x in arrays.items()}
+  arrays["lse"] = lanes(lse)
+  if di is not None:
+    arrays["di"] = lanes(di)
+  out = []
+  for name, (extent, front, is_rows) in pb.window_shapes(bp).items():
+    if name in arrays:
+      n, block = (bp.n_q, bp.block_q) if is_rows else (bp.n_k, bp.block_k)
+      out.append(_windows(arrays[name], n, block, extent, front))
+  return tuple(out)
+
+
+def _bwd_segs(bp: pb.BwdPlan, segment_ids):
+  return _seg_pair(bp, segment_ids, (bp.seg_rows, bp.q_front), (bp.k_cols, bp.k_front))
+
+
+def _reduce_partials(x, like):
+  """Per-program partial sums [B, H, n_q, rows, LANES] -> the gradient of `like`."""
+  return x[..., 0].sum(axis=(0, 2)).reshape(like.shape).astype(like.dtype)
+
+
+def pallas_backward(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post,
+                    segment_ids, out, lse, dout, *, block_q: int, block_k: int,
+                    interpret: bool):
+  """(dq, dk, dv, and the gradients of the four weights (None where absent)) by the
+  backward kernels. lse: [B, H, T] float32 from the forward; out: its float32 output."""
+  weights_in = (kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post)
+  plan = make_plan(q, *weights_in, segment_ids, block_q=block_q, block_k=block_k,
+                   lane_align=1 if interpret else pk.LANES)
+  bp = pb.BwdPlan(**dataclasses.asdict(plan))
+  weights = _flat_weights(*weights_in)
+  dout = dout.astype(q.dtype)
+  grads = [None] * 4
+  if bp.has_post:  # D = rowsum(P * dP) needs its own pass (and gives the post weights' grads)
+    bpd = dataclasses.replace(bp, x_halo=False)
+    d, dwkp, dwmp = pb.dpost_call(bpd, _bwd_windows(bpd, q, k, v, dout, lse, None),
+                                  _bwd_segs(bpd, segment_ids), weights, interpret=interpret)
+    di = d[..., 0].reshape(bp.batch, bp.heads, -1)[:, :, :bp.length]
+    grads[1] = None if dwkp is None else _reduce_partials(dwkp, kq_kernel_post)
+    grads[3] = None if dwmp is None else _reduce_partials(dwmp, head_mix_post)
+  else:  # flash attention's identity
+    di = jnp.swapaxes(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1),
+                      1, 2)
+  windows = _bwd_windows(bp, q, k, v, dout, lse, di)
+  segs = _bwd_segs(bp, segment_ids)
   dq, dwk, dwm = pb.dq_call(bp, windows, segs, weights, dq_dtype=q.dtype, interpret=interpret)
   dk, dv = pb.dkv_call(bp, windows, segs, weights, dk_dtype=k.dtype, dv_dtype=v.dtype,
                        interpret=interpret)
+  grads[0] = None if dwk is None else _reduce_partials(dwk, kq_kernel_pre)
+  grads[2] = None if dwm is None else _reduce_partials(dwm, head_mix_pre)
   back = lambda x: jnp.swapaxes(x[:, :, :bp.length], 1, 2)
-  d_kern = d_mix = None
-  if dwk is not None:
-    d_kern = dwk[..., 0].sum(axis=(0, 2)).reshape(kq_kernel_pre.shape)
-    d_kern = d_kern.astype(kq_kernel_pre.dtype)
-  if dwm is not None:
-    d_mix = dwm[..., 0].sum(axis=(0, 2)).reshape(head_mix_pre.shape).astype(head_mix_pre.dtype)
-  return back(dq), back(dk), back(dv), d_kern, d_mix
+  return (back(dq), back(dk), back(dv), *grads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
@@ -285,27 +272,19 @@ def _mta_pallas_vjp(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_m
 def _vjp_fwd(q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids,
              block_q, block_k):
   res = (q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids)
-  if not kernel_backward_covers(kq_kernel_post, head_mix_post):
-    out, _ = _on_platform(pallas_forward, *res, block_q=block_q, block_k=block_k)
-    return out, res
-  # The backward's D = rowsum(dout * out) uses the float32 output: rounding it to bf16 first
-  # would double the gradient error of bf16 inputs (the reference differentiates in float32).
+  # Without post ops the backward's D = rowsum(dout * out) uses the float32 output: rounding it
+  # to bf16 first would double the gradient error of bf16 inputs (the reference differentiates
+  # in float32).
   out32, lse = _on_platform(pallas_forward, *res, block_q=block_q, block_k=block_k,
                             out_dtype=jnp.float32)
   return out32.astype(q.dtype), res + (out32, lse)
 
 
 def _vjp_bwd(block_q, block_k, res, g):
-  q, k, v, kq_kernel_pre, kq_kernel_post, head_mix_pre, head_mix_post, segment_ids = res[:8]
-  if not kernel_backward_covers(kq_kernel_post, head_mix_post):
-    f = lambda *xs: _chunked_reference(*xs, segment_ids)
-    _, vjp = jax.vjp(f, *res[:7])
-    return (*vjp(g), None)
   out, lse = res[8:]
-  dq, dk, dv, d_kern, d_mix = _on_platform(
-      pallas_backward, q, k, v, kq_kernel_pre, head_mix_pre, segment_ids, out, lse, g,
-      block_q=block_q, block_k=block_k)
-  return dq, dk, dv, d_kern, None, d_mix, None, None
+  dq, dk, dv, *d_weights = _on_platform(pallas_backward, *res[:8], out, lse, g,
+                                        block_q=block_q, block_k=block_k)
+  return dq, dk, dv, *d_weights, None
 
 
 _mta_pallas_vjp.defvjp(_vjp_fwd, _vjp_bwd)

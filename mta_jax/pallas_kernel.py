@@ -20,6 +20,7 @@ Per-head 2-D matmuls and elementwise ops are what Mosaic lowers most reliably.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -96,13 +97,84 @@ def mixed(src_ref, w_ref, head0, o, c_h):
   return jax.lax.fori_loop(1, c_h, step, w_ref[row] * src_ref[base])
 
 
+@dataclasses.dataclass(frozen=True)
 class TileGrid:
-  """What the forward and backward plans (ops_pallas.Plan, pallas_backward.BwdPlan) derive
-  alike from their fields: the grid's tile counts and whether any pre-softmax op is on."""
+  """The static tiling of one call, shared by the forward and backward plans
+  (ops_pallas.Plan, pallas_backward.BwdPlan; hashable: it parameterises the kernels), and what
+  both derive from it: the convs' halos, which stages are on, the grid's tile counts."""
+  batch: int
+  length: int
+  heads: int
+  head_dim: int
+  heads_per_program: int
+  block_q: int
+  block_k: int
+  c_pre: tuple[int, int] | None       # (c_q, c_k) of the pre-softmax conv
+  c_post: tuple[int, int] | None
+  c_h_pre: int | None                 # head-mixing group sizes
+  c_h_post: int | None
+  segments: bool
+  lane_align: int                     # pad key windows to a multiple of this (TPU: 128)
+
+  @property
+  def halo_rows_pre(self) -> int:   # c_q - 1 logit rows above
+    return 0 if self.c_pre is None else self.c_pre[0] - 1
+
+  @property
+  def halo_cols_pre(self) -> int:   # c_k // 2 columns either side
+    return 0 if self.c_pre is None else self.c_pre[1] // 2
+
+  @property
+  def halo_rows_post(self) -> int:
+    return 0 if self.c_post is None else self.c_post[0] - 1
+
+  @property
+  def halo_cols_post(self) -> int:
+    return 0 if self.c_post is None else self.c_post[1] // 2
 
   @property
   def has_pre(self) -> bool:
     return self.c_pre is not None or self.c_h_pre is not None
+
+  @property
+  def has_post(self) -> bool:
+    return self.c_post is not None or self.c_h_post is not None
+
+  def align(self, n: int) -> int:
+    """n rounded up to the lane alignment (key windows; TPU: 128, interpret mode: 1)."""
+    return -(-n // self.lane_align) * self.lane_align
+
+  @property
+  def conv_pre(self) -> int:        # MACs per element of each stage (0 when off)
+    return math.prod(self.c_pre) if self.c_pre else 0
+
+  @property
+  def conv_post(self) -> int:
+    return math.prod(self.c_post) if self.c_post else 0
+
+  @property
+  def mix_pre(self) -> int:
+    return self.c_h_pre or 0
+
+  @property
+  def mix_post(self) -> int:
+    return self.c_h_post or 0
+
+  @property
+  def executed_tiles(self) -> int:
+    """(query block, key block) tiles a kernel runs, per batch row and head: key blocks
+    entirely in the future of a query block are skipped."""
+    last = lambda i: ((i + 1) * self.block_q - 1) // self.block_k
+    return sum(min(self.n_k, last(i) + 1) for i in range(self.n_q))
+
+  def cost(self, tile_macs: int, tile_exps: int, args, out_shapes) -> pl.CostEstimate:
+    """XLA's cost estimate of a kernel doing tile_macs multiply-adds and tile_exps
+    exponentials per executed tile and head (so its scheduler and cost analysis see the
+    kernel's work); bytes: every input and output once."""
+    n = self.executed_tiles * self.batch * self.heads
+    nbytes = lambda x: math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    return pl.CostEstimate(flops=2 * tile_macs * n, transcendentals=tile_exps * n,
+                           bytes_accessed=sum(nbytes(x) for x in (*args, *out_shapes)))
 
   @property
   def n_q(self) -> int:
@@ -369,6 +441,19 @@ def _taps(plan) -> int:
   return sum(math.prod(c) for c in (plan.c_pre, plan.c_post) if c is not None)
 
 
+def tile_work(plan, kernel: str) -> tuple[int, int]:
+  """(multiply-adds, exponentials) of one forward tile and head: the logits on the windows,
+  the pre conv / mixing and softmax on the "out" rows and columns, and for "output" the post
+  conv / mixing and A V on the block. kernel: "lse" or "output"."""
+  rows = plan.q_rows - plan.halo_rows_pre
+  cols = plan.k_cols_nominal - 2 * plan.halo_cols_pre
+  macs = plan.q_rows * plan.k_cols_nominal * plan.head_dim
+  macs += rows * cols * (plan.conv_pre + plan.mix_pre)
+  if kernel == "output":
+    macs += plan.block_q * plan.block_k * (plan.conv_post + plan.mix_post + plan.head_dim)
+  return macs, rows * cols
+
+
 def _mix_scratch(plan, with_post: bool):
   """VMEM scratch (shapes, names) holding a head group's tiles for head mixing."""
   hp, shapes, names = plan.heads_per_program, [], []
@@ -403,6 +488,7 @@ def lse_call(plan, qw, kw, segs, weights, *, interpret: bool):
       scratch_shapes=scratch,
       compiler_params=compiler_params(specs, args, [out_spec], [out_shape], scratch,
                                       (plan.q_rows, plan.k_cols), _taps(plan)),
+      cost_estimate=plan.cost(*tile_work(plan, "lse"), args, [out_shape]),
       interpret=interpret,
   )(*args)
 
@@ -450,6 +536,7 @@ def output_call(plan, qw, kw, vb, segs, weights, lse, *, out_dtype, interpret: b
       scratch_shapes=scratch,
       compiler_params=compiler_params(specs, args, out_specs, out_shapes, scratch,
                                       (plan.q_rows, plan.k_cols), _taps(plan)),
+      cost_estimate=plan.cost(*tile_work(plan, "output"), args, out_shapes),
       interpret=interpret,
   )(*args)
   return outs[0], (outs[1] if lse is None else None)

@@ -34,8 +34,8 @@ def _register(block_q, block_k):
 
 
 CASES = [
-    # (b, t, pre (c_q, c_k), post, c_h, mix, segments). Without post ops the gradient comes
-    # from the Pallas backward kernels, with them from the chunked VJP.
+    # (b, t, pre (c_q, c_k), post, c_h, mix, segments). Every gradient comes from the Pallas
+    # backward kernels (with post ops: the dpost pass too).
     (2, 19, (3, 5), (2, 3), 2, "both", True),       # every stage, two passes, packed docs
     (1, 21, (6, 11), None, H, "pre", True),         # paper-size pre conv, online softmax,
                                                     # backward kernels (conv, mixing, packed)
@@ -125,23 +125,30 @@ def _pallas_calls(fn, *args):
 
 @pytest.mark.parametrize("post,want", [
     (False, ["mta_dkv", "mta_dq", "mta_output"]),
-    (True, ["mta_lse", "mta_output"]),  # post ops: the backward is the chunked VJP
+    (True, ["mta_dkv", "mta_dpost", "mta_dq", "mta_lse", "mta_output"]),
 ])
-def test_gradient_uses_backward_kernels_exactly_without_post_ops(post, want):
+def test_gradient_runs_as_pallas_kernels(post, want):
+  """The whole gradient is Pallas kernels: no XLA recompute of the op (no chunked VJP)."""
   (q, k, v), (kp, kpo, mp, _), _ = _inputs(3, 1, 12, (2, 3), (2, 3) if post else None, 2, "pre")
-  assert ops_pallas.kernel_backward_covers(kpo, None) is (not post)
 
   def loss(q, kp, mp):
     return multi_token_attention(q, k, v, kq_kernel_pre=kp, kq_kernel_post=kpo,
                                  head_mix_pre=mp, implementation="pallas").sum()
 
-  assert _pallas_calls(jax.grad(loss, argnums=(0, 1, 2)), q, kp, mp) == want
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  assert _pallas_calls(grad, q, kp, mp) == want
+  # No [T, T]-shaped value anywhere in the gradient's program (T = 12).
+  text = str(jax.make_jaxpr(grad)(q, kp, mp))
+  assert not re.search(r"\[[0-9,]*\b12,12\b", text), "a [T, T] array in the gradient"
 
 
-def test_bfloat16_gradients_as_accurate_as_the_reference():
+@pytest.mark.parametrize("case", [
+    (1, 14, (2, 3), None, 2, "pre"),
+    pytest.param((1, 14, (2, 3), (2, 3), 2, "both"), marks=pytest.mark.slow),
+], ids=["pre", "pre-and-post"])
+def test_bfloat16_gradients_as_accurate_as_the_reference(case):
   """bf16 q, k, v through the backward kernels: every gradient's error against the float32
   reference (on the same bf16-rounded inputs) is no worse than the xla path's own."""
-  case = (1, 14, (2, 3), None, 2, "pre")
   (q, k, v), weights, rng = _inputs(7, *case)
   seg = _segments(rng, 1, 14)
   cot = rng.normal(size=q.shape).astype(np.float32)
@@ -152,8 +159,9 @@ def test_bfloat16_gradients_as_accurate_as_the_reference():
   cot_b = jnp.asarray(cot, jnp.bfloat16)
   _, ref = _fwd_and_grads("xla", seg, (*bf16, *weights), cot_b)
   _, got = _fwd_and_grads(_register(8, 8), seg, (*bf16, *weights), cot_b)
-  assert len(got) == len(ref) == len(want) == 5
-  for name, g, r, w in zip(("q", "k", "v", "kernel", "mix"), got, ref, want):
+  names = ("q", "k", "v") + tuple(f"weight{i}" for i, w in enumerate(weights) if w is not None)
+  assert len(got) == len(ref) == len(want) == len(names)
+  for name, g, r, w in zip(names, got, ref, want):
     assert g.dtype == r.dtype, name
     w = np.asarray(w, np.float64)
     err = np.abs(np.asarray(g, np.float64) - w).max()
@@ -238,24 +246,35 @@ def _assert_mosaic_and_no_txt_buffer(compiled, layer: Layer, n_kernels: int):
   assert temp < layer.heads * layer.length * layer.length * 4, temp
 
 
-NO_POST = Layer(post=None)  # the backward runs as Pallas kernels (no post-softmax ops)
+NO_POST = Layer(post=None)  # no post-softmax ops: online forward, no dpost pass
 
 
 @pytest.mark.parametrize("topology,layer,with_grad,n_kernels", [
     ("v5e:2x2", Layer(), False, 2),           # lse pass + output pass
     pytest.param("v5p:2x2x1", Layer(), False, 2, marks=pytest.mark.slow),
-    pytest.param("v5e:2x2", Layer(), True, 2, marks=pytest.mark.slow),  # + the chunked VJP
+    pytest.param("v5e:2x2", Layer(), True, 5, marks=pytest.mark.slow),  # + dpost, dq, dkv
+    pytest.param("v5p:2x2x1", Layer(), True, 5, marks=pytest.mark.slow),
     pytest.param("v5e:2x2", NO_POST, True, 3, marks=pytest.mark.slow),  # output, dq, dkv
-    pytest.param("v5p:2x2x1", NO_POST, True, 3, marks=pytest.mark.slow),
     pytest.param("v5e:2x2", PAPER_880M, False, 2, marks=pytest.mark.slow),
+    pytest.param("v5e:2x2", PAPER_880M, True, 5, marks=pytest.mark.slow),
     pytest.param("v5e:2x2", dataclasses.replace(PAPER_880M, post=None), True, 3,
                  marks=pytest.mark.slow),
-], ids=["v5e-fwd", "v5p-fwd", "v5e-fwd-chunkedbwd", "v5e-nopost-kernelbwd",
-        "v5p-nopost-kernelbwd", "v5e-880m-fwd", "v5e-880m-nopost-kernelbwd"])
+], ids=["v5e-fwd", "v5p-fwd", "v5e-kernelbwd", "v5p-kernelbwd", "v5e-nopost-kernelbwd",
+        "v5e-880m-fwd", "v5e-880m-kernelbwd", "v5e-880m-nopost-kernelbwd"])
 def test_tpu_aot_compile_has_mosaic_kernel_and_no_txt_buffer(topology, layer, with_grad,
                                                             n_kernels):
   compiled = _tpu_compile(topology, layer, with_grad)
   _assert_mosaic_and_no_txt_buffer(compiled, layer, n_kernels)
+  # The kernels tell XLA their work (cost estimates): its count for one chip's shard (batch 1)
+  # is theirs plus the little XLA work around them (window gathers, reductions).
+  sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  h = layer.heads
+  kern = lambda c: None if c is None else sds(h, *c)
+  mix = sds(h // layer.c_h, layer.c_h, layer.c_h)
+  want = ops_pallas.kernel_flops(sds(1, layer.length, h, layer.head_dim), kern(layer.pre),
+                                 kern(layer.post), mix, mix if layer.post else None,
+                                 backward=with_grad)
+  assert want <= compiled.cost_analysis()["flops"] < 1.1 * want
 
 
 # ---------------------------------------------------------------------------------------------
