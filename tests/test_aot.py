@@ -84,8 +84,8 @@ def test_paper_preset_compiles_and_fits_a_v5e_slice(family, impl, tmp_path, caps
   """The paper's 880M preset at its batch (128 x 2048, one row per chip), scanned, remat=full,
   fsdp over the 128 chips of v5e:8x16 (a row of docs/SCALING.md's preset table): it fits a
   16 GiB chip, and the report adds up. On a 2-core host the baseline compiles in 3-6 minutes
-  and 1.6 GiB of host memory, MTA with the Pallas kernels in ~5 minutes and 3.1 GiB; MTA with
-  the chunked op needs more than 8 GiB of host memory and 25 minutes there."""
+  and 1.6 GiB of host memory, MTA with the Pallas kernels in ~5 minutes and 3.1 GiB, MTA with
+  the chunked op in ~15 minutes and 7.1 GiB."""
   from configs import paper
   from mta_jax import model as model_lib
   cfg = paper.get("880m", family)
