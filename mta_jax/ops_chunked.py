@@ -19,9 +19,10 @@ of the block's logits) with a hand-written VJP; the kernel gradient is one varia
 per kernel row (its c_k sums in a single pass). On CPU, forward + backward is 5-7x faster than
 `conv_general_dilated` and than autodiff of the shift-and-add (whose kernel gradient becomes
 c_q * c_k separate passes over the slab). Head mixing is a plain 2-D matmul per (batch, group)
-on CPU and GPU; lowered for TPU it is c_h elementwise float32 multiply-adds per head (the TPU
-compiler spends minutes on a HIGHEST-precision matmul with a contraction of 16; see
-`head_mix_elementwise` and docs/SCALING.md).
+on CPU and GPU. Lowered for TPU, head mixing is c_h elementwise float32 multiply-adds per head
+and the conv loops over its kernel rows (`head_mix_elementwise`, `shift_conv_looped`): the TPU
+compiler spent minutes on the HIGHEST-precision matmul with a contraction of 16 and kept the
+unrolled conv's shifted slabs as buffers (docs/SCALING.md).
 Measurements of the alternatives (including the algebraic "wider attention" rewrite) are in
 docs/BENCHMARKS.md.
 
@@ -141,9 +142,9 @@ shift_conv.defvjp(_shift_conv_fwd, _shift_conv_bwd)
 
 
 # The same conv with a loop over the c_q kernel rows (c_k taps unrolled in the body): the TPU
-# path. Unrolled, the TPU compiler keeps many of the c_q * c_k lane-shifted copies of the slab as
-# separate buffers (the op's temporaries were ~6x the looped version's) and emits a kernel for
-# each; looped over rows it compiles ~2x faster (docs/SCALING.md). Same sums, same order per row.
+# path. Unrolled, the TPU compile keeps many of the c_q * c_k lane-shifted copies of the slab as
+# buffers (the op's XLA temporaries were ~8x the looped version's) and takes ~1.7x longer
+# (docs/SCALING.md). The same sums; dx adds them in another order.
 
 
 def _row_taps(xp, a, kernel, rows: int, cols: int):
@@ -277,9 +278,9 @@ def head_mix_elementwise(x_BxHxRxC: Array, w_GxCxC: Array) -> Array:
   """ops.head_mix as c_h elementwise multiply-adds per output head, in x's dtype (float32 here).
 
   The TPU path of the chunked op: a float32 matmul at Precision.HIGHEST with a contraction of
-  only c_h (head_mix_2d) is emitted by the TPU compiler as a multi-pass bf16 kernel that took
-  4-5x longer to compile than the rest of the op together (docs/SCALING.md); these
-  multiply-adds are exact float32 without it. The VJP is written by hand (below) so that the
+  only c_h (head_mix_2d) is emitted by the TPU compiler as a multi-pass bf16 kernel whose
+  compile dominated the op's (docs/SCALING.md); these multiply-adds are exact float32 without
+  it. The VJP is written by hand (below) so that the
   weight gradient is one pass over the slab rather than c_h * c_h reductions.
   """
   b, h, r, c = x_BxHxRxC.shape
