@@ -21,8 +21,6 @@ FILE around every TPU compile, for hosts where several jobs share libtpu.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import sys
@@ -61,23 +59,10 @@ def worker(cfg: dict) -> dict:
           "peak_rss_mib": common.peak_rss_kib() / 1024}
 
 
-@contextlib.contextmanager
-def _locked(path: str):
-  if not path:
-    yield
-    return
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _run(a, target: str, layers: int, scan: bool) -> dict:
   cfg = {"target": target, "layers": layers, "scan": scan, "family": a.family, "impl": a.impl,
          "seq_len": a.seq_len}
-  with _locked(a.lock if target != "cpu" else ""):
+  with common.locked(a.lock if target != "cpu" else ""):
     r = common.run_worker(os.path.abspath(__file__), cfg, a.timeout)
   r.update(cfg)
   status = r.get("error") or (f"wall {r['wall_s']:.1f}s cpu {r['cpu_s']:.1f}s "

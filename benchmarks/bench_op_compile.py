@@ -27,8 +27,6 @@ around each TPU compile.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import sys
@@ -89,19 +87,6 @@ def worker(cfg: dict) -> dict:
           "temp_mib": (mem.temp_size_in_bytes if mem else 0) / 2**20}
 
 
-@contextlib.contextmanager
-def _locked(path: str):
-  if not path:
-    yield
-    return
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 flags.DEFINE_string("variants", "before,elementwise_unrolled,auto,nokq_before,nokq_auto,nomix",
                     "comma-separated")
 flags.DEFINE_string("lengths", "512", "comma-separated sequence lengths")
@@ -124,7 +109,7 @@ def main(argv) -> None:
     for variant in a.variants.split(","):
       cfg = {"target": a.target, "variant": variant, "length": length, "block": a.block,
              "bands": a.bands}
-      with _locked(a.lock if a.target != "cpu" else ""):
+      with common.locked(a.lock if a.target != "cpu" else ""):
         r = common.run_worker(os.path.abspath(__file__), cfg, a.timeout)
       r.update(cfg)
       results.append(r)

@@ -16,6 +16,8 @@ Memory, two views:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -85,6 +87,21 @@ def measure(fn, args, repeats: int, mem_budget_gib: float = 0.0) -> dict:
       "xla_argument_mib": mib(ma.argument_size_in_bytes),
       "xla_output_mib": mib(ma.output_size_in_bytes),
   }
+
+
+@contextlib.contextmanager
+def locked(path: str):
+  """Holds an exclusive lock on the file `path` (created if missing) for the block; no-op for
+  "". Serialises TPU compiles: one process at a time may hold libtpu."""
+  if not path:
+    yield
+    return
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_worker(script: str, config: dict, timeout_s: float) -> dict:

@@ -125,8 +125,13 @@ def test_xla_conv_variant_matches_reference_gradients():
   """The conv_general_dilated block conv (used on backends where it is fast) is exact too."""
   name = "chunked_convxla_test"
   implementations.IMPLEMENTATIONS[name] = ops_chunked.make_chunked(block=4, bands=2, conv="xla")
-  (q, k, v), weights, rng = _inputs(3, 2, 14, (3, 5), (2, 3), H, "post")
-  seg = _segments(rng, 2, 14)
+  _assert_matches_xla(name, 3, 2, 14, (3, 5), (2, 3), H, "post")
+
+
+def _assert_matches_xla(name, seed, b, t, pre, post, c_h, mix):
+  """Implementation `name` equals "xla" (forward, every gradient) on random packed inputs."""
+  (q, k, v), weights, rng = _inputs(seed, b, t, pre, post, c_h, mix)
+  seg = _segments(rng, b, t)
   cot = rng.normal(size=q.shape).astype(np.float32)
   out_ref, g_ref = _fwd_and_grads("xla", seg, (q, k, v, *weights), cot)
   out, g = _fwd_and_grads(name, seg, (q, k, v, *weights), cot)
@@ -220,11 +225,4 @@ def test_chunked_with_the_tpu_head_mix_matches_xla(monkeypatch):
   monkeypatch.setattr(ops_chunked, "shift_conv_block", ops_chunked.shift_conv_looped)
   name = "chunked_tpu_mix_test"
   implementations.IMPLEMENTATIONS[name] = ops_chunked.make_chunked(block=4, bands=2)
-  (q, k, v), weights, rng = _inputs(13, 2, 13, (3, 5), (2, 3), 2, "both")
-  seg = _segments(rng, 2, 13)
-  cot = rng.normal(size=q.shape).astype(np.float32)
-  out_ref, g_ref = _fwd_and_grads("xla", seg, (q, k, v, *weights), cot)
-  out, g = _fwd_and_grads(name, seg, (q, k, v, *weights), cot)
-  _assert_close(out, out_ref, FWD_TOL)
-  for got, want in zip(g, g_ref):
-    _assert_close(got, want, GRAD_TOL)
+  _assert_matches_xla(name, 13, 2, 13, (3, 5), (2, 3), 2, "both")
