@@ -160,7 +160,7 @@ class _Tile:
     self.ok_in = region(0, bp.q_rows, 0, bp.k_cols)[0] if bp.has_pre else None
     self.ok_p, self.seg_p = region(bp.halo_rows_pre, bp.rows_p, bp.halo_cols_pre, bp.cols_u)
     self.ok_u, self.seg_u = region(bp.q_front, bp.rows_u, bp.halo_cols_pre, bp.cols_u)
-    self.ok_own, self.seg_own = region(bp.q_front, bp.block_q, bp.k_front, bp.block_k)
+    self.ok_own = region(bp.q_front, bp.block_q, bp.k_front, bp.block_k)[0]
     self.seg_x = None if self.seg_u is None else self.seg_u[:bp.rows_x]
 
 
